@@ -1,0 +1,1 @@
+"""Clients of the Rapport protocol: the async client, chat CLI, load and eval tools."""

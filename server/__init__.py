@@ -1,0 +1,1 @@
+"""Rapport's gateway: the WebSocket and HTTP surfaces, configuration, engines."""

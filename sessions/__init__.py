@@ -1,0 +1,1 @@
+"""Conversations: the pure turn state machine, the Redis store, prompt windows."""
