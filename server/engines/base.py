@@ -56,6 +56,9 @@ class EngineFinish:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    # The engine's own view of time to first token (scheduling + prefill), if
+    # it measures one; the gateway's timings are measured separately.
+    engine_ttft_ms: float | None = None
 
 
 EngineEvent = EngineDelta | EngineFinish
