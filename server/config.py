@@ -1,0 +1,196 @@
+"""Server configuration: one dataclass, filled from flags and ``RAPPORT_*`` variables.
+
+Precedence: a command-line flag, then the environment variable
+``RAPPORT_<FLAG>`` (``--redis-url`` -> ``RAPPORT_REDIS_URL``), then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+
+from .errors import RapportError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a warm, attentive companion. Keep replies short and natural, "
+    "remember what the user told you, and ask a caring follow-up question."
+)
+# Used only when no secret is configured and the server listens on loopback,
+# so that `make run` works out of the box; any other host requires a secret.
+DEV_JWT_SECRET = "rapport-development-secret-change-me"
+
+
+class ConfigError(RapportError):
+    code = "internal"
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "simulated"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "rapport:"
+    auth: str = "jwt"
+    jwt_secret: str = ""
+    jwt_algorithm: str = "HS256"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_history_turns: int = 16
+    allowed_origins: list[str] = field(default_factory=list)
+    # limits
+    max_frame_bytes: int = 64 * 1024
+    max_input_chars: int = 4000
+    turns_per_minute: int = 30
+    max_connections_per_user: int = 8
+    # heartbeats and grace periods
+    heartbeat_interval_ms: int = 15_000
+    heartbeat_timeout_ms: int = 45_000
+    hello_timeout_ms: int = 5_000
+    detached_grace_ms: int = 30_000
+    delta_log_ttl_s: int = 600
+    idempotency_ttl_s: int = 86_400
+    # latency budget
+    ttft_budget_ms: int = 2000
+    hard_deadline_ms: int = 10_000
+    # sampling bounds: the server clamps what clients ask for
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    default_temperature: float = 0.7
+    # simulated engine (a timing simulation, not a model)
+    sim_ttft_ms: float = 40.0
+    sim_itl_ms: float = 20.0
+    sim_max_num_seqs: int = 256
+    sim_reply_tokens: int = 0
+    # vLLM
+    model: str = ""
+    max_model_len: int = 0
+    dtype: str = "auto"
+    vllm_arg: list[str] = field(default_factory=list)
+    # remote engine
+    upstream: list[str] = field(default_factory=list)
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        if self.engine not in ("vllm", "remote", "simulated"):
+            raise ConfigError(f"--engine must be vllm, remote or simulated, not {self.engine!r}")
+        if self.auth not in ("jwt", "dev"):
+            raise ConfigError(f"--auth must be jwt or dev, not {self.auth!r}")
+        if self.auth == "dev" and not is_loopback(self.host):
+            raise ConfigError(
+                "--auth dev trusts any user name and is only allowed while listening on "
+                f"loopback; --host is {self.host}"
+            )
+        if self.auth == "jwt" and not self.jwt_secret:
+            if not is_loopback(self.host):
+                raise ConfigError("--jwt-secret (or RAPPORT_JWT_SECRET) is required off loopback")
+            self.jwt_secret = DEV_JWT_SECRET
+        if self.jwt_algorithm.lower() == "none" or not self.jwt_algorithm:
+            raise ConfigError("the JWT algorithm must be pinned to a real algorithm, never 'none'")
+        if not self.redis_prefix:
+            raise ConfigError("--redis-prefix must not be empty")
+        if self.max_history_turns < 0:
+            raise ConfigError("--max-history-turns must be >= 0")
+        if self.heartbeat_interval_ms <= 0 or self.heartbeat_timeout_ms <= 0:
+            raise ConfigError("heartbeat intervals must be positive")
+        if self.engine == "remote" and not self.upstream:
+            raise ConfigError("--engine remote needs at least one --upstream URL")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_HELP: dict[str, str] = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "engine": "vllm (in-process), remote (OpenAI-compatible vLLM servers) or simulated (a timing simulation, no model)",
+    "redis_url": "Redis holding conversations, turns and delta logs",
+    "redis_prefix": "every Redis key the server writes starts with this",
+    "auth": "jwt (Bearer tokens) or dev (trust hello.user; loopback only)",
+    "jwt_secret": "HMAC secret for JWTs (a built-in development secret is used on loopback if empty)",
+    "jwt_algorithm": "the only JWT algorithm accepted",
+    "system_prompt": "system prompt placed before every conversation",
+    "max_history_turns": "past turns the model sees at most",
+    "allowed_origins": "browser Origin allowed to open the WebSocket (repeatable; same-origin always allowed)",
+    "max_frame_bytes": "largest client frame; larger ones close the socket with 1009",
+    "max_input_chars": "longest turn.start text",
+    "turns_per_minute": "turns a user may start per minute",
+    "max_connections_per_user": "open WebSockets a user may hold",
+    "heartbeat_interval_ms": "server ping interval",
+    "heartbeat_timeout_ms": "close with 4408 after this much client silence",
+    "hello_timeout_ms": "close with 4401 without valid credentials within this time",
+    "detached_grace_ms": "how long a turn keeps generating after its last socket dropped",
+    "delta_log_ttl_s": "how long a turn's delta log is kept after it ends",
+    "idempotency_ttl_s": "how long client_turn_id keys and turn records are kept",
+    "ttft_budget_ms": "first-token budget: turns that would miss it are refused with busy",
+    "hard_deadline_ms": "a turn without a first token after this ends budget_exceeded",
+    "default_max_tokens": "reply length when the client does not ask",
+    "max_tokens_limit": "the largest max_tokens a client may ask for",
+    "default_temperature": "sampling temperature when the client does not ask",
+    "sim_ttft_ms": "simulated engine: time to first token alone",
+    "sim_itl_ms": "simulated engine: time per decode step",
+    "sim_max_num_seqs": "simulated engine: batch capacity",
+    "sim_reply_tokens": "simulated engine: fixed reply length (0: varies)",
+    "model": "model folder or name for --engine vllm (default: the small CPU model prepared by the project)",
+    "max_model_len": "context window for vLLM (0: the model's own)",
+    "dtype": "vLLM dtype (auto, float32, bfloat16, ...)",
+    "vllm_arg": "any further vLLM engine argument as KEY=VALUE (repeatable)",
+    "upstream": "an OpenAI-compatible vLLM server base URL for --engine remote (repeatable)",
+    "log_level": "uvicorn log level",
+}
+
+_LIST_FIELDS = {"allowed_origins", "vllm_arg", "upstream"}
+
+
+def env_name(field_name: str) -> str:
+    return "RAPPORT_" + field_name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; the environment supplies defaults."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{_HELP.get(f.name, '')} (env {env_name(f.name)})"
+        if f.name in _LIST_FIELDS:
+            parser.add_argument(flag.removesuffix("s") if f.name == "allowed_origins" else flag,
+                                dest=f.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def settings_from(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ) if environ is None else environ
+    base = Settings()
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None and env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
+            if f.name in _LIST_FIELDS:
+                raw = [item for item in raw.replace(",", " ").split() if item]
+        if raw is None:
+            continue
+        default = getattr(base, f.name)
+        try:
+            if f.name in _LIST_FIELDS:
+                values[f.name] = list(raw)  # type: ignore[arg-type]
+            elif isinstance(default, bool):
+                values[f.name] = str(raw).lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)  # type: ignore[arg-type]
+            elif isinstance(default, float):
+                values[f.name] = float(raw)  # type: ignore[arg-type]
+            else:
+                values[f.name] = str(raw)
+        except ValueError:
+            raise ConfigError(f"{f.name}: {raw!r} is not a valid {type(default).__name__}") from None
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.validate()
+    return settings

@@ -1,0 +1,97 @@
+"""Redis key naming for everything Rapport stores.
+
+Layout (``P`` is the prefix, ``U``/``C``/``T``/``K`` the escaped user id,
+conversation id, turn id and client turn id)::
+
+    P{u:U}:hist:C        stream  conversation history (user + assistant messages)
+    P{u:U}:convs         zset    raw conversation_id -> last activity (ms)
+    P{u:U}:active        hash    raw conversation_id -> running turn_id
+    P{u:U}:idem:K        string  client_turn_id -> turn_id (idempotency)
+    P{u:U}:turn:T        hash    the turn record
+    P{u:U}:log:T         stream  the turn's delta log (ids "seq-0", end "last-1")
+
+Every key of one user carries the Redis Cluster hash tag ``{u:U}``, so all of a
+user's keys live in one slot and multi-key Lua scripts work on Cluster.
+
+Escaping percent-encodes (UTF-8, ``%XX`` upper case) every byte outside
+``[A-Za-z0-9._-]``. That is injective (``%`` itself is encoded), and the escaped
+form contains no ``{``, ``}``, ``:`` nor any glob metacharacter, so ids can
+neither collide, break the hash tag, nor widen a SCAN pattern.
+"""
+
+from __future__ import annotations
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+def escape_id(value: str) -> str:
+    """Percent-encode ``value`` so it is safe inside a key segment (injective)."""
+    if not isinstance(value, str):
+        raise TypeError(f"id must be str, not {type(value).__name__}")
+    raw = value.encode("utf-8", "surrogatepass")
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
+
+
+def glob_escape(value: str) -> str:
+    """Escape Redis glob metacharacters (``* ? [ ] \\``) so they match literally."""
+    return "".join("\\" + ch if ch in _GLOB_SPECIAL else ch for ch in value)
+
+
+class KeySpace:
+    """Builds every Redis key; see the module docstring for the layout."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "rapport:") -> None:
+        if not isinstance(prefix, str):
+            raise TypeError("prefix must be str")
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"KeySpace(prefix={self.prefix!r})"
+
+    # -- per user -----------------------------------------------------------
+
+    def user_tag(self, user_id: str) -> str:
+        """The Cluster hash tag shared by all keys of ``user_id``: ``{u:<esc>}``."""
+        return "{u:" + escape_id(user_id) + "}"
+
+    def _base(self, user_id: str) -> str:
+        return self.prefix + self.user_tag(user_id)
+
+    def user_key(self, user_id: str, suffix: str) -> str:
+        """A key under the user's tag for other modules (rate limits, leases...).
+
+        ``suffix`` is appended verbatim after ``:``; keep it free of user input
+        or escape that part with :func:`escape_id`. Such keys are removed by
+        :meth:`sessions.store.ConversationStore.delete_user` too.
+        """
+        return f"{self._base(user_id)}:{suffix}"
+
+    def user_pattern(self, user_id: str) -> str:
+        """SCAN MATCH pattern for every key of ``user_id`` and no other user's.
+
+        The closing ``}`` of the tag ends the match of the id, so ``bob`` never
+        matches ``bob2``; the escaped id holds no glob metacharacters, and the
+        prefix is glob-escaped in case it holds any.
+        """
+        return glob_escape(self.prefix) + "{u:" + escape_id(user_id) + "}*"
+
+    def history(self, user_id: str, conversation_id: str) -> str:
+        return f"{self._base(user_id)}:hist:{escape_id(conversation_id)}"
+
+    def conversations(self, user_id: str) -> str:
+        return f"{self._base(user_id)}:convs"
+
+    def active(self, user_id: str) -> str:
+        return f"{self._base(user_id)}:active"
+
+    def idempotency(self, user_id: str, client_turn_id: str) -> str:
+        return f"{self._base(user_id)}:idem:{escape_id(client_turn_id)}"
+
+    def turn(self, user_id: str, turn_id: str) -> str:
+        return f"{self._base(user_id)}:turn:{escape_id(turn_id)}"
+
+    def delta_log(self, user_id: str, turn_id: str) -> str:
+        return f"{self._base(user_id)}:log:{escape_id(turn_id)}"

@@ -1,0 +1,111 @@
+"""The prompt window: which part of a conversation the model sees.
+
+Pure functions, no I/O. The model sees the system prompt, then the newest
+complete turns of history, then the new user message (guarantee 5). Two limits
+apply: at most ``max_history_turns`` past turns, and the whole prompt must fit
+``max_prompt_tokens`` (the context window minus the reply's ``max_tokens``).
+
+Why trim in blocks: vLLM's automatic prefix caching reuses the KV cache of the
+longest prompt prefix it has seen, in blocks of tokens. Dropping the oldest
+turn one at a time would shift the start of the prompt on every turn and throw
+the whole conversation's cache away each time. Instead the first kept turn
+moves forward ``trim_block`` turns at once, so between two jumps consecutive
+prompts extend one another and the cache serves everything but the new turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from server.engines.base import ChatMessage
+from server.errors import TooLarge
+
+
+@dataclass(frozen=True, slots=True)
+class PastTurn:
+    """One completed exchange from history: the user's text and the reply kept."""
+
+    user: str
+    assistant: str
+
+
+def first_kept_turn(total_turns: int, max_turns: int, trim_block: int) -> int:
+    """Index of the oldest turn to keep under the turn cap, moving in whole blocks.
+
+    Keeps between ``max_turns - trim_block + 1`` and ``max_turns`` turns once
+    the conversation is longer than the cap.
+    """
+    if max_turns <= 0:
+        return total_turns
+    overflow = total_turns - max_turns
+    if overflow <= 0:
+        return 0
+    block = max(1, min(trim_block, max_turns))
+    return -(-overflow // block) * block  # ceil to a multiple of the block
+
+
+def render(system_prompt: str, turns: Sequence[PastTurn], new_text: str) -> list[ChatMessage]:
+    messages: list[ChatMessage] = []
+    if system_prompt:
+        messages.append(ChatMessage("system", system_prompt))
+    for turn in turns:
+        messages.append(ChatMessage("user", turn.user))
+        # A cancelled or interrupted reply may be empty; an empty assistant
+        # message teaches the model nothing, so the user turn stands alone.
+        if turn.assistant:
+            messages.append(ChatMessage("assistant", turn.assistant))
+    messages.append(ChatMessage("user", new_text))
+    return messages
+
+
+def build_window(
+    *,
+    system_prompt: str,
+    history: Sequence[PastTurn],
+    new_text: str,
+    max_history_turns: int,
+    max_prompt_tokens: int | None = None,
+    count_tokens: Callable[[Sequence[ChatMessage]], int] | None = None,
+    trim_block: int = 4,
+) -> list[ChatMessage]:
+    """The messages to send. Raises TooLarge when even no history would not fit."""
+    start = first_kept_turn(len(history), max_history_turns, trim_block)
+    if max_prompt_tokens is None or count_tokens is None:
+        return render(system_prompt, history[start:], new_text)
+    bare = render(system_prompt, [], new_text)
+    if count_tokens(bare) > max_prompt_tokens:
+        raise TooLarge(
+            f"the message needs more than the {max_prompt_tokens} prompt tokens the model's context allows"
+        )
+    block = max(1, trim_block)
+    while start < len(history):
+        candidate = render(system_prompt, history[start:], new_text)
+        if count_tokens(candidate) <= max_prompt_tokens:
+            return candidate
+        # Jump by whole blocks here too, so the start stays put for a while.
+        start = min(len(history), start + block)
+    return bare
+
+
+def pair_history(messages: Sequence[tuple[str, str, str]]) -> list[PastTurn]:
+    """Group (role, text, turn_id) history entries, oldest first, into turns.
+
+    A user message without a reply (the turn still running, or history cut
+    mid-turn) pairs with an empty reply; an assistant message whose user
+    message was trimmed away by the history cap is skipped.
+    """
+    turns: list[PastTurn] = []
+    pending: tuple[str, str] | None = None  # (turn_id, user text)
+    for role, text, turn_id in messages:
+        if role == "user":
+            if pending is not None:
+                turns.append(PastTurn(pending[1], ""))
+            pending = (turn_id, text)
+        elif role == "assistant":
+            if pending is not None and pending[0] == turn_id:
+                turns.append(PastTurn(pending[1], text))
+            pending = None if pending is not None and pending[0] == turn_id else pending
+    if pending is not None:
+        turns.append(PastTurn(pending[1], ""))
+    return turns
