@@ -44,6 +44,7 @@ class Settings:
     max_input_chars: int = 4000
     turns_per_minute: int = 30
     max_connections_per_user: int = 8
+    outbox_max_frames: int = 2048
     # heartbeats and grace periods
     heartbeat_interval_ms: int = 15_000
     heartbeat_timeout_ms: int = 45_000
@@ -123,6 +124,7 @@ _HELP: dict[str, str] = {
     "max_input_chars": "longest turn.start text",
     "turns_per_minute": "turns a user may start per minute",
     "max_connections_per_user": "open WebSockets a user may hold",
+    "outbox_max_frames": "frames queued for one socket before it counts as stuck and is closed",
     "heartbeat_interval_ms": "server ping interval",
     "heartbeat_timeout_ms": "close with 4408 after this much client silence",
     "hello_timeout_ms": "close with 4401 without valid credentials within this time",

@@ -1,0 +1,57 @@
+"""The Starlette application: routes, lifespan, and the HTTP endpoints."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from .config import Settings
+from .engines.base import Engine
+from .gateway import websocket_endpoint
+from .runtime import Runtime
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    checks = await request.app.state.runtime.ready()
+    ok = all(checks.values())
+    return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    load = rt.engine.load()
+    return Response(rt.metrics.render(load.running, load.waiting),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+    runtime = Runtime(settings, engine=engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/v1/ws", websocket_endpoint),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    return app

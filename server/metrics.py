@@ -1,0 +1,93 @@
+"""Prometheus metrics, one registry per app (so tests can run several apps).
+
+Names follow Prometheus conventions: ``_total`` for counters, base units
+(seconds), and a ``rapport_`` namespace.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Buckets around the 2 s first-token budget, fine near the fast end.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
+                    3.0, 5.0, 10.0, 30.0)
+_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("rapport_connections_open", "Open WebSocket connections", registry=r)
+        self.turns = Counter("rapport_turns_total", "Turns ended, by finish reason",
+                             ["finish_reason"], registry=r)
+        self.ttft = Histogram("rapport_time_to_first_token_seconds",
+                              "From receipt of turn.start to the first delta sent",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.gap = Histogram("rapport_inter_delta_gap_seconds", "Time between consecutive deltas of a turn",
+                             buckets=_GAP_BUCKETS, registry=r)
+        self.duration = Histogram("rapport_turn_duration_seconds", "From receipt of turn.start to turn.end",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.budget_misses = Counter("rapport_ttft_budget_misses_total",
+                                     "Turns whose first token came after the budget", registry=r)
+        self.admissions_refused = Counter("rapport_admissions_refused_total",
+                                          "turn.start answered busy or rate_limited", ["reason"], registry=r)
+        self.resumes = Counter("rapport_resumes_total", "turn.resume requests", registry=r)
+        self.heartbeat_timeouts = Counter("rapport_heartbeat_timeouts_total",
+                                          "Connections closed 4408 for silence", registry=r)
+        self.slow_consumers = Counter("rapport_slow_consumer_closes_total",
+                                      "Connections closed because they stopped reading", registry=r)
+        self.bad_frames = Counter("rapport_bad_frames_total", "Client frames refused", ["code"], registry=r)
+        self.engine_running = Gauge("rapport_engine_running_requests", "Requests in the engine's batch",
+                                    registry=r)
+        self.engine_waiting = Gauge("rapport_engine_waiting_requests", "Requests queued in the engine",
+                                    registry=r)
+        self.prompt_tokens = Counter("rapport_prompt_tokens_total", "Prompt tokens of ended turns",
+                                     registry=r)
+        self.cached_prompt_tokens = Counter("rapport_cached_prompt_tokens_total",
+                                            "Prompt tokens served from the prefix cache", registry=r)
+        self.prefix_cache_hit_share = Gauge("rapport_prefix_cache_hit_share",
+                                            "Cached prompt tokens over prompt tokens, since start",
+                                            registry=r)
+
+    # Small named hooks keep call sites readable and the metric names in one place.
+    def bad_frame(self, code: str) -> None:
+        self.bad_frames.labels(code).inc()
+
+    def resumed(self) -> None:
+        self.resumes.inc()
+
+    def heartbeat_timeout(self) -> None:
+        self.heartbeat_timeouts.inc()
+
+    def slow_consumer_closed(self) -> None:
+        self.slow_consumers.inc()
+
+    def refused(self, reason: str) -> None:
+        self.admissions_refused.labels(reason).inc()
+
+    def turn_ended(self, finish_reason: str, timings: dict[str, float | None], usage: dict[str, int],
+                   budget_ms: float) -> None:
+        self.turns.labels(finish_reason).inc()
+        ttft = timings.get("ttft_ms")
+        if ttft is not None:
+            self.ttft.observe(ttft / 1000.0)
+            if ttft > budget_ms:
+                self.budget_misses.inc()
+        total = timings.get("total_ms")
+        if total is not None:
+            self.duration.observe(total / 1000.0)
+        prompt = usage.get("prompt_tokens", 0)
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+            self.cached_prompt_tokens.inc(usage.get("cached_prompt_tokens", 0))
+            seen = self.prompt_tokens._value.get()  # noqa: SLF001 - the counter's own total
+            if seen:
+                self.prefix_cache_hit_share.set(self.cached_prompt_tokens._value.get() / seen)  # noqa: SLF001
+
+    def delta_gap(self, seconds: float) -> None:
+        self.gap.observe(seconds)
+
+    def render(self, engine_running: int, engine_waiting: int) -> bytes:
+        self.engine_running.set(engine_running)
+        self.engine_waiting.set(engine_waiting)
+        return generate_latest(self.registry)

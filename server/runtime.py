@@ -1,0 +1,167 @@
+"""Everything one server process holds: settings, Redis, the store, the engine,
+the turn manager, metrics and the open connections.
+
+Created and torn down by the app's lifespan (:mod:`server.app`); the gateway
+and the HTTP endpoints reach it through ``app.state.runtime``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from sessions.keys import KeySpace
+from sessions.store import ConversationStore
+
+from . import frames
+from .auth import Authenticator
+from .config import Settings
+from .engines.base import Engine
+from .metrics import Metrics
+from .turns import TurnManager, TurnPolicy
+
+if TYPE_CHECKING:
+    from .gateway import Connection
+
+log = logging.getLogger("rapport")
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine the settings name; heavy imports only for the one chosen."""
+    if settings.engine == "simulated":
+        from .engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(
+            ttft_ms=settings.sim_ttft_ms,
+            itl_ms=settings.sim_itl_ms,
+            max_num_seqs=settings.sim_max_num_seqs,
+            reply_tokens=settings.sim_reply_tokens or None,
+        )
+    if settings.engine == "vllm":
+        from .engines.vllm_local import VllmEngine
+        from .model_prep import prepare_default_model
+
+        model = settings.model or str(prepare_default_model())
+        extra = parse_engine_args(settings.vllm_arg)
+        default_cpu = not settings.model
+        return VllmEngine(
+            model=model,
+            max_model_len=settings.max_model_len or (2048 if default_cpu else None),
+            dtype=settings.dtype if settings.dtype != "auto" or not default_cpu else "float32",
+            engine_args=extra,
+        )
+    from .engines.remote import RemoteEngine
+
+    return RemoteEngine(upstreams=settings.upstream, model=settings.model or None,
+                        max_model_len=settings.max_model_len or None)
+
+
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for vLLM's engine arguments; values parsed as Python literals when they can be."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--vllm-arg expects KEY=VALUE, got {shlex.quote(item)}")
+        try:
+            out[key.replace("-", "_")] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.replace("-", "_")] = value
+    return out
+
+
+class Runtime:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = engine if engine is not None else build_engine(settings)
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=2.0,
+            socket_timeout=10.0, health_check_interval=15, max_connections=512,
+        )
+        # Blocking stream reads hold a connection each; keep them off the main pool.
+        self.blocking_redis = aioredis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=2.0,
+            socket_timeout=None, max_connections=4096,
+        )
+        self.keys = KeySpace(settings.redis_prefix)
+        self.store = ConversationStore(
+            self.redis, self.keys, idempotency_ttl_s=settings.idempotency_ttl_s,
+            delta_log_ttl_s=settings.delta_log_ttl_s, blocking_redis=self.blocking_redis,
+        )
+        self.auth = Authenticator(secret=settings.jwt_secret, algorithm=settings.jwt_algorithm,
+                                  dev_mode=settings.auth == "dev")
+        self.manager = TurnManager(
+            store=self.store, engine=self.engine, metrics=self.metrics,
+            policy=TurnPolicy(
+                system_prompt=settings.system_prompt,
+                max_history_turns=settings.max_history_turns,
+                detached_grace_ms=settings.detached_grace_ms,
+                hard_deadline_ms=settings.hard_deadline_ms,
+                ttft_budget_ms=settings.ttft_budget_ms,
+                default_max_tokens=settings.default_max_tokens,
+                max_tokens_limit=settings.max_tokens_limit,
+                default_temperature=settings.default_temperature,
+            ),
+        )
+        self.connections: set[Connection] = set()
+        self._engine_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # The engine warms up in the background: /healthz answers at once and
+        # /readyz turns true when the warm-up generation has completed.
+        self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
+
+    async def _start_engine(self) -> None:
+        log.info("starting engine %s (%s)", self.engine.model_name, type(self.engine).__name__)
+        await self.engine.start()
+        log.info("engine ready: %s", self.engine.model_name)
+
+    async def wait_engine(self) -> None:
+        if self._engine_task is not None:
+            await self._engine_task
+
+    async def close(self) -> None:
+        for conn in list(self.connections):
+            await conn.close_going_away()
+        await self.manager.close()
+        if self._engine_task is not None and not self._engine_task.done():
+            self._engine_task.cancel()
+            await asyncio.gather(self._engine_task, return_exceptions=True)
+        await self.engine.close()
+        await self.redis.aclose()
+        await self.blocking_redis.aclose()
+
+    async def ready(self) -> dict[str, bool]:
+        try:
+            await self.store.ping()
+            redis_ok = True
+        except Exception:  # noqa: BLE001 - readiness reports any failure as not ready
+            redis_ok = False
+        engine_task_failed = (self._engine_task is not None and self._engine_task.done()
+                              and not self._engine_task.cancelled()
+                              and self._engine_task.exception() is not None)
+        return {"engine": self.engine.ready and not engine_task_failed, "redis": redis_ok}
+
+    # ------------------------------------------------------------ hooks for limits
+
+    async def connection_opened(self, conn: Connection) -> int | None:
+        """Admit an authenticated connection; a close code refuses it."""
+        self.metrics.connections.inc()
+        return None
+
+    async def connection_closed(self, conn: Connection) -> None:
+        self.metrics.connections.dec()
+
+    async def admit_turn(self, conn: Connection, start: frames.TurnStart) -> None:
+        """Rate limits and admission control; raises RateLimited or Busy to refuse."""
+        if not self.engine.ready:
+            from .errors import Unavailable
+
+            raise Unavailable("the model is still warming up; retry shortly", retry_after_ms=1000)

@@ -1,0 +1,499 @@
+"""Running turns: the adapter between the pure turn machine, the engine and Redis.
+
+The :class:`TurnManager` owns every turn generating in this process. A turn is
+owned here, not by the socket that started it, because a dropped socket is not
+a cancel (guarantee 3): the generation task keeps going while followers come
+and go, and only the detach timer, a cancel, the hard deadline, the engine or
+shutdown end it.
+
+Path of one delta: engine -> :meth:`TurnManager._generate` -> the pure
+:class:`~sessions.turn.Turn` numbers it -> pushed to every following
+connection's send queue (no await: nothing slow sits between the engine and the
+socket) -> appended to the turn's delta log in Redis by a :class:`LogAppender`,
+which batches whatever piled up while its previous write was in flight.
+
+A follower of a turn that runs in another process reads that turn's delta log
+with blocking stream reads (:meth:`TurnManager.follow_remote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sessions.prompt import build_window, pair_history
+from sessions.store import ConversationStore, LogDelta, LogEnd, TurnRecord
+from sessions.turn import Attachment, Ending, Turn, Usage
+
+from . import frames
+from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
+from .metrics import Metrics
+from .errors import EngineError, NotFound, ResumeExpired, TurnInProgress, Unavailable
+
+log = logging.getLogger("rapport.turns")
+
+
+class Follower(Protocol):
+    """A connection that receives a turn's frames."""
+
+    user_id: str
+
+    def push(self, frame: dict[str, Any]) -> None:
+        """Queue a frame for sending; never blocks."""
+
+    def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
+        """Take ownership of a task following ``turn_id`` from another process."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPolicy:
+    system_prompt: str
+    max_history_turns: int
+    detached_grace_ms: float
+    hard_deadline_ms: float
+    ttft_budget_ms: float
+    default_max_tokens: int
+    max_tokens_limit: int
+    default_temperature: float
+    # How long to keep retrying Redis writes for a turn before giving up on them.
+    store_retry_s: float = 30.0
+    remote_follow_block_ms: int = 5000
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class LogAppender:
+    """Writes one turn's deltas to its Redis delta log, in order, batching.
+
+    At most one write is in flight; deltas that arrive meanwhile go out together
+    in the next one. When Redis is unreachable the batch is kept and retried
+    with backoff, so a short Redis outage loses no delta.
+    """
+
+    def __init__(self, store: ConversationStore, user_id: str, turn_id: str, retry_s: float) -> None:
+        self._store = store
+        self._user_id = user_id
+        self._turn_id = turn_id
+        self._retry_s = retry_s
+        self._pending: list[tuple[int, str]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.failed = False
+
+    def add(self, seq: int, text: str) -> None:
+        self._pending.append((seq, text))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + self._retry_s
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._store.append_deltas(user_id=self._user_id, turn_id=self._turn_id, deltas=batch)
+                delay = 0.05
+                deadline = time.monotonic() + self._retry_s
+            except Unavailable:
+                self._pending[:0] = batch
+                if time.monotonic() > deadline:
+                    log.error("turn %s: giving up on %d delta(s) after Redis stayed unreachable",
+                              self._turn_id, len(self._pending))
+                    self._pending.clear()
+                    self.failed = True
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def drain(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass(eq=False, slots=True)
+class LiveTurn:
+    """A turn generating in this process."""
+
+    user_id: str
+    conversation_id: str
+    client_turn_id: str
+    machine: Turn
+    attachment: Attachment
+    messages: list[ChatMessage]
+    sampling: SamplingOptions
+    appender: LogAppender
+    followers: set[Follower] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    # Why we cancelled the generation task ourselves (None: shutdown).
+    stop: Callable[[Turn, float, Usage], Ending] | None = None
+    detach_timer: asyncio.TimerHandle | None = None
+    deadline_timer: asyncio.TimerHandle | None = None
+    end_frame: dict[str, Any] | None = None
+    last_delta_ms: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def turn_id(self) -> str:
+        return self.machine.turn_id
+
+
+class TurnManager:
+    def __init__(self, *, store: ConversationStore, engine: Engine, policy: TurnPolicy,
+                 metrics: Metrics | None = None, owner: str | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.engine = engine
+        self.policy = policy
+        self.owner = owner or uuid.uuid4().hex[:12]
+        self.live: dict[str, LiveTurn] = {}
+        self._closing = False
+
+    # ------------------------------------------------------------ starting
+
+    def sampling_for(self, options: frames.TurnOptions) -> SamplingOptions:
+        p = self.policy
+        max_tokens = options.max_tokens or p.default_max_tokens
+        return SamplingOptions(
+            temperature=p.default_temperature if options.temperature is None else options.temperature,
+            top_p=1.0 if options.top_p is None else options.top_p,
+            max_tokens=max(1, min(max_tokens, p.max_tokens_limit)),
+            enable_thinking=bool(options.enable_thinking),
+        )
+
+    async def start(self, follower: Follower, start: frames.TurnStart, received_ms: float) -> str:
+        """Handle ``turn.start``: accept (or replay) and stream to ``follower``; the turn id.
+
+        Raises TurnInProgress, TooLarge, Unavailable before anything is sent.
+        """
+        if self._closing:
+            raise Unavailable("the server is shutting down; reconnect")
+        user_id = follower.user_id
+        sampling = self.sampling_for(start.options)
+        # The window is computed before the turn is accepted so that a message
+        # the model cannot take is refused (too_large) without touching history.
+        messages = await self._prompt(user_id, start.conversation_id, start.text, sampling)
+        turn_id = "t_" + uuid.uuid4().hex
+        outcome = await self.store.begin_turn(
+            user_id=user_id,
+            conversation_id=start.conversation_id,
+            client_turn_id=start.client_turn_id,
+            text=start.text,
+            turn_id=turn_id,
+            owner=self.owner,
+            now_ms=wall_ms(),
+        )
+        if outcome.kind == "in_progress":
+            raise TurnInProgress(
+                f"conversation '{start.conversation_id}' already has a running turn",
+                client_turn_id=start.client_turn_id,
+                turn_id=outcome.running_turn_id,
+            )
+        record = outcome.turn
+        assert record is not None
+        accepted = frames.turn_accepted(
+            turn_id=record.turn_id,
+            client_turn_id=start.client_turn_id,
+            conversation_id=record.conversation_id,
+            replayed=outcome.kind == "replayed",
+        )
+        if outcome.kind == "replayed":
+            follower.push(accepted)
+            task = await self.follow(follower, record.turn_id, 0, replay=True)
+            if task is not None:
+                follower.adopt(record.turn_id, task)
+            return record.turn_id
+        live = LiveTurn(
+            user_id=user_id,
+            conversation_id=start.conversation_id,
+            client_turn_id=start.client_turn_id,
+            machine=Turn(turn_id=record.turn_id, received_ms=received_ms),
+            attachment=Attachment(grace_ms=self.policy.detached_grace_ms),
+            messages=messages,
+            sampling=sampling,
+            appender=LogAppender(self.store, user_id, record.turn_id, self.policy.store_retry_s),
+        )
+        live.followers.add(follower)
+        self.live[record.turn_id] = live
+        follower.push(accepted)
+        loop = asyncio.get_running_loop()
+        live.deadline_timer = loop.call_later(self.policy.hard_deadline_ms / 1000.0,
+                                              self._deadline_passed, live)
+        live.task = loop.create_task(self._generate(live), name=f"turn {record.turn_id}")
+        return record.turn_id
+
+    async def _prompt(self, user_id: str, conversation_id: str, text: str,
+                      sampling: SamplingOptions) -> list[ChatMessage]:
+        p = self.policy
+        past: list[tuple[str, str, str]] = []
+        if p.max_history_turns > 0:
+            # Two messages a turn, plus slack for a trailing unanswered message.
+            entries = await self.store.history(user_id=user_id, conversation_id=conversation_id,
+                                               limit=min(100, 2 * p.max_history_turns + 2))
+            past = [(m.role, m.text, m.turn_id) for m in entries]
+        max_prompt = self.engine.max_model_len - sampling.max_tokens
+        return build_window(
+            system_prompt=p.system_prompt,
+            history=pair_history(past),
+            new_text=text,
+            max_history_turns=p.max_history_turns,
+            max_prompt_tokens=max(1, max_prompt),
+            count_tokens=self.engine.count_tokens,
+        )
+
+    # ------------------------------------------------------------ generating
+
+    async def _generate(self, live: LiveTurn) -> None:
+        turn = live.machine
+        ending: Ending | None = None
+        finish: EngineFinish | None = None
+        request = EngineRequest(request_id=turn.turn_id, messages=tuple(live.messages),
+                                sampling=live.sampling, user_id=live.user_id)
+        try:
+            turn.submitted(now_ms())
+            stream = self.engine.generate(request)
+            async with contextlib.aclosing(stream):  # closing aborts the engine request
+                async for event in stream:
+                    if isinstance(event, EngineDelta):
+                        out = turn.delta(event.text, event.tokens, now_ms())
+                        if out is not None:
+                            self._emit(live, out.seq, out.text)
+                    else:
+                        finish = event
+                        break
+            if finish is not None:
+                ending = turn.finish(finish.finish_reason, Usage(
+                    prompt_tokens=finish.prompt_tokens,
+                    completion_tokens=finish.completion_tokens,
+                    cached_prompt_tokens=finish.cached_prompt_tokens,
+                ), now_ms())
+            else:
+                # The engine ended the stream without a finish: it aborted us.
+                ending = turn.engine_failed(now_ms(), self._partial_usage(live))
+        except asyncio.CancelledError:
+            if live.stop is None:
+                # Shutdown: leave the turn to be marked by the lease logic or by close().
+                raise
+            ending = live.stop(turn, now_ms(), self._partial_usage(live))
+        except EngineError as exc:
+            log.warning("turn %s: engine failed: %s", turn.turn_id, exc)
+            ending = turn.engine_failed(now_ms(), self._partial_usage(live))
+        except Exception:  # noqa: BLE001 - a bug in one turn must not lock its conversation forever
+            log.exception("turn %s: unexpected error", turn.turn_id)
+            ending = turn.internal_error(now_ms(), self._partial_usage(live))
+        await self._finish(live, ending)
+
+    def _partial_usage(self, live: LiveTurn) -> Usage:
+        return Usage(prompt_tokens=self.engine.count_tokens(live.messages),
+                     completion_tokens=live.machine.completion_tokens)
+
+    def _emit(self, live: LiveTurn, seq: int, text: str) -> None:
+        if live.deadline_timer is not None:
+            live.deadline_timer.cancel()
+            live.deadline_timer = None
+        if self.metrics is not None:
+            t = now_ms()
+            if live.last_delta_ms is not None:
+                self.metrics.delta_gap((t - live.last_delta_ms) / 1000.0)
+            live.last_delta_ms = t
+        frame = frames.turn_delta(live.turn_id, seq, text)
+        for follower in tuple(live.followers):
+            follower.push(frame)
+        live.appender.add(seq, text)
+
+    async def _finish(self, live: LiveTurn, ending: Ending) -> None:
+        for timer in (live.deadline_timer, live.detach_timer):
+            if timer is not None:
+                timer.cancel()
+        end = frames.turn_end(turn_id=live.turn_id, seq=ending.seq, finish_reason=ending.finish_reason,
+                              text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings)
+        try:
+            await live.appender.drain()
+            await self._store_end(live, ending, end)
+        finally:
+            live.end_frame = end
+            if self.metrics is not None:
+                self.metrics.turn_ended(ending.finish_reason, ending.timings, ending.usage.as_dict(),
+                                        self.policy.ttft_budget_ms)
+            for follower in tuple(live.followers):
+                follower.push(end)
+            live.followers.clear()
+            live.done.set()
+            self.live.pop(live.turn_id, None)
+
+    async def _store_end(self, live: LiveTurn, ending: Ending, end: dict[str, Any]) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + self.policy.store_retry_s
+        while True:
+            try:
+                await self.store.finish_turn(
+                    user_id=live.user_id, turn_id=live.turn_id, finish_reason=ending.finish_reason,
+                    text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings,
+                    end=end, now_ms=wall_ms(),
+                )
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    log.error("turn %s: could not store its end; Redis unreachable", live.turn_id)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # ------------------------------------------------------------ stopping
+
+    def _stop(self, live: LiveTurn, how: Callable[[Turn, float, Usage], Ending]) -> None:
+        if live.machine.ended or live.stop is not None or live.task is None:
+            return
+        live.stop = how
+        live.task.cancel()
+
+    def _deadline_passed(self, live: LiveTurn) -> None:
+        live.deadline_timer = None
+        if live.machine.first_delta_ms is None:
+            self._stop(live, Turn.miss_deadline)
+
+    def _detach_expired(self, live: LiveTurn) -> None:
+        live.detach_timer = None
+        if live.attachment.expired(now_ms() + 1):
+            log.info("turn %s: nobody resumed it within the grace period", live.turn_id)
+            self._stop(live, Turn.expire_detached)
+
+    async def cancel(self, follower: Follower, turn_id: str) -> None:
+        """``turn.cancel``: abort at once; the follower gets the turn's end."""
+        live = self.live.get(turn_id)
+        if live is not None and live.user_id == follower.user_id:
+            if follower not in live.followers:
+                self._join(live, follower)
+            self._stop(live, Turn.cancel)
+            return
+        record = await self.store.get_turn(user_id=follower.user_id, turn_id=turn_id)
+        if record is None:
+            raise NotFound(f"no turn '{turn_id}'", turn_id=turn_id)
+        if record.status == "ended":
+            follower.push(self._end_frame_of(record))
+            return
+        raise Unavailable("that turn runs on another server process that is not reachable; resume it "
+                          "to follow it", turn_id=turn_id)
+
+    # ------------------------------------------------------------ following
+
+    def _join(self, live: LiveTurn, follower: Follower) -> None:
+        live.followers.add(follower)
+        live.attachment.join()
+        if live.detach_timer is not None:
+            live.detach_timer.cancel()
+            live.detach_timer = None
+
+    def leave(self, follower: Follower, turn_id: str) -> None:
+        """A follower's socket went away; a turn nobody follows starts its grace period."""
+        live = self.live.get(turn_id)
+        if live is None or follower not in live.followers:
+            return
+        live.followers.discard(follower)
+        deadline = live.attachment.leave(now_ms())
+        if deadline is not None:
+            live.detach_timer = asyncio.get_running_loop().call_later(
+                self.policy.detached_grace_ms / 1000.0, self._detach_expired, live)
+
+    async def follow(self, follower: Follower, turn_id: str, after_seq: int, *,
+                     replay: bool = False) -> asyncio.Task[None] | None:
+        """Send the deltas after ``after_seq``, then live ones, then the end.
+
+        Returns a task when the turn runs in another process and is followed
+        through its Redis delta log; the caller owns that task.
+        """
+        live = self.live.get(turn_id)
+        if live is not None and live.user_id == follower.user_id:
+            # No await between the backlog and joining: no delta can slip between.
+            for out in live.machine.deltas_after(after_seq):
+                follower.push(frames.turn_delta(turn_id, out.seq, out.text))
+            if live.end_frame is not None:
+                follower.push(live.end_frame)
+            elif follower not in live.followers:
+                self._join(live, follower)
+            return None
+        record = await self.store.get_turn(user_id=follower.user_id, turn_id=turn_id)
+        if record is None:
+            raise NotFound(f"no turn '{turn_id}'", turn_id=turn_id)
+        if record.status == "ended" and not await self.store.log_exists(user_id=follower.user_id,
+                                                                       turn_id=turn_id):
+            if replay:
+                # Guarantee 1: once the delta log has expired, turn.accepted is
+                # followed directly by the turn's end, whose text is the whole reply.
+                follower.push(self._end_frame_of(record))
+                return None
+            raise ResumeExpired(
+                "the turn's delta log has expired; its final text is in 'text'",
+                turn_id=turn_id, text=record.text, finish_reason=record.finish_reason,
+            )
+        return asyncio.get_running_loop().create_task(
+            self.follow_remote(follower, record, after_seq), name=f"follow {turn_id}")
+
+    async def follow_remote(self, follower: Follower, record: TurnRecord, after_seq: int) -> None:
+        """Follow a turn through its delta log: backlog, then blocking reads until its end."""
+        seq = after_seq
+        entries = await self.store.read_log(user_id=record.user_id, turn_id=record.turn_id,
+                                            after_seq=seq)
+        while True:
+            for entry in entries:
+                if isinstance(entry, LogEnd):
+                    follower.push(entry.end)
+                    return
+                if isinstance(entry, LogDelta) and entry.seq > seq:
+                    follower.push(frames.turn_delta(record.turn_id, entry.seq, entry.text))
+                    seq = entry.seq
+            entries = await self.store.follow_log(user_id=record.user_id, turn_id=record.turn_id,
+                                                  after_seq=seq,
+                                                  block_ms=self.policy.remote_follow_block_ms)
+            if not entries:
+                current = await self.store.get_turn(user_id=record.user_id, turn_id=record.turn_id)
+                if current is None:
+                    raise NotFound(f"no turn '{record.turn_id}'", turn_id=record.turn_id)
+                if current.status == "ended":
+                    entries = await self.store.read_log(user_id=record.user_id,
+                                                        turn_id=record.turn_id, after_seq=seq)
+                    if not entries:
+                        follower.push(self._end_frame_of(current))
+                        return
+
+    def _end_frame_of(self, record: TurnRecord) -> dict[str, Any]:
+        return frames.turn_end(turn_id=record.turn_id, seq=record.last_seq,
+                               finish_reason=record.finish_reason or "interrupted", text=record.text,
+                               usage=record.usage or {"prompt_tokens": 0, "completion_tokens": 0,
+                                                      "cached_prompt_tokens": 0},
+                               timings=record.timings or {"queue_ms": None, "ttft_ms": None,
+                                                          "total_ms": None})
+
+    async def active_turns(self, user_id: str) -> list[dict[str, Any]]:
+        records = await self.store.active_turns(user_id=user_id)
+        out = []
+        for r in records:
+            live = self.live.get(r.turn_id)
+            last = live.machine.seq if live is not None else r.last_seq
+            out.append({"turn_id": r.turn_id, "conversation_id": r.conversation_id, "last_seq": last})
+        return out
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """End every turn of this process ``interrupted`` and store its partial reply."""
+        self._closing = True
+        for live in list(self.live.values()):
+            self._stop(live, Turn.engine_failed)
+        pending = [live.task for live in self.live.values() if live.task is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
