@@ -146,3 +146,11 @@ def make_token(user: str, *, ttl: int = 600, secret: str = JWT_SECRET, **extra: 
 
     now = int(time.time())
     return jwt.encode({"sub": user, "iat": now, "exp": now + ttl, **extra}, secret, algorithm="HS256")
+
+
+@pytest.fixture(scope="session")
+def jwt_server(sim_prefix: str) -> Iterator[ServerProcess]:
+    """A simulated-engine server that accepts only JWTs."""
+    server = ServerProcess(prefix=sim_prefix, extra=[*SIM_FLAGS, "--auth", "jwt"]).start()
+    yield server
+    server.stop()
