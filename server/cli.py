@@ -4,11 +4,10 @@ that later issues add: bench, eval)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
-from .config import ConfigError, Settings, add_arguments, settings_from
+from .config import ConfigError, add_arguments, settings_from
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -73,9 +73,10 @@ def assert_contiguous(frames: list[dict]) -> None:
     assert end["seq"] == len(deltas)
 
 
-async def expect_error(ws, code: str) -> dict:
+async def expect_error(ws, code: str, skip: tuple[str, ...] = ("ping", "turn.delta")) -> dict:
+    """The next error frame, passing over heartbeats and deltas of turns this socket follows."""
     frame = await recv(ws)
-    while frame["type"] == "ping":
+    while frame["type"] in skip:
         frame = await recv(ws)
     assert frame["type"] == "error", frame
     assert frame["code"] == code, frame

@@ -1,0 +1,709 @@
+"""The Redis store for conversations, turns and their delta logs.
+
+Several server processes share one Redis, so every decision that must be
+atomic (accepting a turn, ending it, clearing a conversation) is one Lua
+script. Scripts only touch keys passed in ``KEYS`` and all of them share the
+user's hash tag (see :mod:`sessions.keys`), so they also run on Redis Cluster.
+When a script needs a key that is named by data (the record of the turn an
+idempotency key or the ``active`` hash points at), the caller passes the key it
+expects together with the value it expects; the script re-checks that value and
+answers ``retry`` with the current values when they changed in between.
+
+Every connection-level failure (refused, timed out, loading, cluster down,
+read-only replica after a failover) is raised as :class:`server.errors.Unavailable`.
+
+Blocking reads (:meth:`ConversationStore.follow_log`) hold a connection for up
+to ``block_ms``: give the store a dedicated ``blocking_redis`` client (its own
+pool, ``socket_timeout`` larger than any ``block_ms`` used, or ``None``) so
+blocked readers never starve the pool used for ordinary commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from server.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
+from sessions.keys import KeySpace
+
+__all__ = [
+    "BeginOutcome",
+    "ConversationStore",
+    "HistoryMessage",
+    "LogDelta",
+    "LogEnd",
+    "TurnRecord",
+]
+
+# ---------------------------------------------------------------------------
+# Lua scripts
+# ---------------------------------------------------------------------------
+
+# begin_turn: accept a new turn, or answer replayed / in_progress, atomically.
+# KEYS: 1 idempotency key, 2 new turn record, 3 active hash, 4 history stream,
+#       5 conversations zset, 6 record of the turn ARGV[1] names (replay),
+#       7 record of the turn ARGV[2] names (running). 6 and 7 are placeholders
+#       (never read) when ARGV[1] / ARGV[2] are empty.
+# ARGV: 1 expected idempotency value or "", 2 expected active value or "",
+#       3 conversation_id, 4 turn_id, 5 user_id, 6 client_turn_id, 7 text,
+#       8 owner, 9 now_ms, 10 idempotency ttl (s), 11 history max messages.
+# Returns {"replayed", turn_id, record-as-flat-list} | {"in_progress", turn_id}
+#       | {"accepted"} | {"retry", current idempotency value, current active value}.
+# An active entry whose record is gone or already ended is stale (its process
+# died) and is overwritten. Replay and in_progress write nothing.
+BEGIN_TURN_LUA = """
+local idem = redis.call('GET', KEYS[1])
+local running = redis.call('HGET', KEYS[3], ARGV[3])
+if idem then
+  if idem ~= ARGV[1] then
+    return {'retry', idem, running or ''}
+  end
+  return {'replayed', idem, redis.call('HGETALL', KEYS[6])}
+end
+if running then
+  if running ~= ARGV[2] then
+    return {'retry', '', running}
+  end
+  if redis.call('HGET', KEYS[7], 'status') == 'running' then
+    return {'in_progress', running}
+  end
+end
+local ttl = tonumber(ARGV[10])
+redis.call('SET', KEYS[1], ARGV[4], 'EX', ttl)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2],
+  'turn_id', ARGV[4], 'user_id', ARGV[5], 'conversation_id', ARGV[3],
+  'client_turn_id', ARGV[6], 'status', 'running', 'finish_reason', '',
+  'last_seq', '0', 'text', '', 'usage', '{}', 'timings', '{}',
+  'created_at_ms', ARGV[9], 'ended_at_ms', '', 'owner', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+  'role', 'user', 'text', ARGV[7], 'turn_id', ARGV[4],
+  'status', 'complete', 'created_at', ARGV[9])
+redis.call('ZADD', KEYS[5], ARGV[9], ARGV[3])
+return {'accepted'}
+"""
+
+# append_deltas: add deltas to a running turn's log with ids "seq-0".
+# KEYS: 1 turn record, 2 delta log.  ARGV: 1 safety ttl (ms), then seq, text pairs.
+# Seqs at or below the record's last_seq are skipped (a retried call is a
+# no-op); the rest must continue it without a gap, checked before any write.
+# Returns {"ok"} | {"missing"} | {"ended"} | {"gap", last_seq}.
+APPEND_DELTAS_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if status ~= 'running' then return {'ended'} end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
+local expect = last
+for i = 2, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > expect then
+    if seq ~= expect + 1 then return {'gap', tostring(last)} end
+    expect = seq
+  end
+end
+if expect == last then return {'ok'} end
+for i = 2, #ARGV, 2 do
+  if tonumber(ARGV[i]) > last then
+    redis.call('XADD', KEYS[2], ARGV[i] .. '-0', 't', ARGV[i + 1])
+  end
+end
+redis.call('HSET', KEYS[1], 'last_seq', tostring(expect))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return {'ok'}
+"""
+
+# finish_turn: end a turn once. A second call returns the ended record unchanged.
+# KEYS: 1 turn record, 2 delta log, 3 active hash, 4 history stream,
+#       5 conversations zset.
+# ARGV: 1 turn_id, 2 conversation_id, 3 finish_reason, 4 text, 5 usage JSON,
+#       6 timings JSON, 7 end JSON, 8 now_ms, 9 delta log ttl (ms),
+#       10 record ttl (s), 11 history max messages.
+# The end entry gets id "<last_seq>-1": it sorts after the last delta, so
+# "everything after seq N" is the exclusive range from "N-0".
+# Returns {"missing"} | {"mismatch"} | {"already", record} | {"ended", record}.
+FINISH_TURN_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if redis.call('HGET', KEYS[1], 'conversation_id') ~= ARGV[2] then
+  return {'mismatch'}
+end
+if status == 'ended' then
+  return {'already', redis.call('HGETALL', KEYS[1])}
+end
+local last = redis.call('HGET', KEYS[1], 'last_seq')
+redis.call('XADD', KEYS[2], last .. '-1', 'e', ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[9])
+redis.call('HSET', KEYS[1], 'status', 'ended', 'finish_reason', ARGV[3],
+  'text', ARGV[4], 'usage', ARGV[5], 'timings', ARGV[6], 'ended_at_ms', ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[10])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+  'role', 'assistant', 'text', ARGV[4], 'turn_id', ARGV[1],
+  'status', ARGV[3], 'created_at', ARGV[8])
+if redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[1] then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+end
+redis.call('ZADD', KEYS[5], ARGV[8], ARGV[2])
+return {'ended', redis.call('HGETALL', KEYS[1])}
+"""
+
+# drop_conversation: clear (or delete) a conversation unless a turn runs in it.
+# KEYS: 1 active hash, 2 history stream, 3 conversations zset,
+#       4 record of the turn ARGV[2] names (placeholder when ARGV[2] is "").
+# ARGV: 1 conversation_id, 2 expected active value or "".
+# A stale active entry (record gone or ended) is removed. Returns
+# {"ok", number of keys/members removed} | {"in_progress", turn_id}
+# | {"retry", current active value}.
+DROP_CONVERSATION_LUA = """
+local running = redis.call('HGET', KEYS[1], ARGV[1])
+if running then
+  if running ~= ARGV[2] then return {'retry', running} end
+  if redis.call('HGET', KEYS[4], 'status') == 'running' then
+    return {'in_progress', running}
+  end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local n = redis.call('DEL', KEYS[2]) + redis.call('ZREM', KEYS[3], ARGV[1])
+return {'ok', tostring(n)}
+"""
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    turn_id: str
+    user_id: str
+    conversation_id: str
+    client_turn_id: str
+    status: str  # "running" | "ended"
+    finish_reason: str | None
+    last_seq: int
+    text: str  # the final reply text; "" while running
+    usage: dict
+    timings: dict
+    created_at_ms: int
+    ended_at_ms: int | None
+    owner: str  # the server process running the turn
+
+
+@dataclass(frozen=True, slots=True)
+class BeginOutcome:
+    """``turn`` is set for accepted and replayed (None only if a replayed turn's
+    record vanished at the very moment its idempotency key expired);
+    ``running_turn_id`` is set for in_progress."""
+
+    kind: Literal["accepted", "replayed", "in_progress"]
+    turn: TurnRecord | None
+    running_turn_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    id: str
+    role: str
+    text: str
+    turn_id: str
+    status: str  # "complete" for user messages, the finish_reason for assistant ones
+    created_at: int  # ms since epoch
+
+
+@dataclass(frozen=True, slots=True)
+class LogDelta:
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogEnd:
+    end: dict
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,  # includes BusyLoadingError
+    rexc.TimeoutError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.MasterDownError,
+    rexc.ReadOnlyError,
+    OSError,  # includes the builtin TimeoutError
+)
+
+_STREAM_ID = re.compile(r"\A([0-9]{1,20})-([0-9]{1,20})\Z")
+_U64_MAX = 2**64 - 1
+_MAX_ATTEMPTS = 16
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """Re-raise Redis connectivity failures as Unavailable, other Redis errors as RapportError."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except RapportError:
+            raise
+        except _UNAVAILABLE_ERRORS as exc:
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}: {exc}") from exc
+        except rexc.RedisError as exc:
+            raise RapportError(f"storage error: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _pairs_to_dict(flat: Sequence[Any]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _record(data: dict[str, str] | None) -> TurnRecord | None:
+    if not data or "status" not in data:
+        return None
+    ended = data.get("ended_at_ms") or ""
+    return TurnRecord(
+        turn_id=data.get("turn_id", ""),
+        user_id=data.get("user_id", ""),
+        conversation_id=data.get("conversation_id", ""),
+        client_turn_id=data.get("client_turn_id", ""),
+        status=data["status"],
+        finish_reason=data.get("finish_reason") or None,
+        last_seq=int(data.get("last_seq") or 0),
+        text=data.get("text", ""),
+        usage=json.loads(data.get("usage") or "{}"),
+        timings=json.loads(data.get("timings") or "{}"),
+        created_at_ms=int(data.get("created_at_ms") or 0),
+        ended_at_ms=int(ended) if ended else None,
+        owner=data.get("owner", ""),
+    )
+
+
+def _log_item(entry_id: str, fields: dict[str, str]) -> LogDelta | LogEnd:
+    if "e" in fields:
+        return LogEnd(end=json.loads(fields["e"]))
+    return LogDelta(seq=int(entry_id.split("-", 1)[0]), text=fields.get("t", ""))
+
+
+def _check_id(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, not {type(value).__name__}")
+    return value
+
+
+def _check_nonneg(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------
+
+
+class ConversationStore:
+    """Conversations, turn records and delta logs in Redis.
+
+    ``redis`` must be created with ``decode_responses=True``. ``blocking_redis``
+    (default: ``redis``) serves only :meth:`follow_log`'s ``XREAD BLOCK``; use a
+    dedicated client whose ``socket_timeout`` exceeds the ``block_ms`` you pass.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: KeySpace,
+        *,
+        idempotency_ttl_s: int = 86400,
+        delta_log_ttl_s: int = 600,
+        history_max_messages: int = 1000,
+        blocking_redis: aioredis.Redis | None = None,
+    ) -> None:
+        for name, value in (
+            ("idempotency_ttl_s", idempotency_ttl_s),
+            ("delta_log_ttl_s", delta_log_ttl_s),
+            ("history_max_messages", history_max_messages),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.redis = redis
+        self.blocking_redis = blocking_redis if blocking_redis is not None else redis
+        self.keys = keys
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.delta_log_ttl_s = delta_log_ttl_s
+        self.history_max_messages = history_max_messages
+        self._begin = redis.register_script(BEGIN_TURN_LUA)
+        self._append = redis.register_script(APPEND_DELTAS_LUA)
+        self._finish = redis.register_script(FINISH_TURN_LUA)
+        self._drop = redis.register_script(DROP_CONVERSATION_LUA)
+
+    # -- health -------------------------------------------------------------
+
+    @_guarded
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # -- turns --------------------------------------------------------------
+
+    @_guarded
+    async def begin_turn(
+        self,
+        *,
+        user_id: str,
+        conversation_id: str,
+        client_turn_id: str,
+        text: str,
+        turn_id: str,
+        owner: str,
+        now_ms: int,
+    ) -> BeginOutcome:
+        """Accept a new turn, or report a replay / a running turn (guarantees 1 and 4)."""
+        for name, value in (
+            ("user_id", user_id),
+            ("conversation_id", conversation_id),
+            ("client_turn_id", client_turn_id),
+            ("text", text),
+            ("owner", owner),
+        ):
+            _check_id(name, value)
+        if not _check_id("turn_id", turn_id):
+            raise ValueError("turn_id must not be empty")
+        _check_nonneg("now_ms", now_ms)
+        k = self.keys
+        idem_key = k.idempotency(user_id, client_turn_id)
+        new_key = k.turn(user_id, turn_id)
+        active_key = k.active(user_id)
+        expect_idem = ""
+        expect_active = ""
+        for _ in range(_MAX_ATTEMPTS):
+            res = await self._begin(
+                keys=[
+                    idem_key,
+                    new_key,
+                    active_key,
+                    k.history(user_id, conversation_id),
+                    k.conversations(user_id),
+                    k.turn(user_id, expect_idem) if expect_idem else new_key,
+                    k.turn(user_id, expect_active) if expect_active else new_key,
+                ],
+                args=[
+                    expect_idem,
+                    expect_active,
+                    conversation_id,
+                    turn_id,
+                    user_id,
+                    client_turn_id,
+                    text,
+                    owner,
+                    str(now_ms),
+                    str(self.idempotency_ttl_s),
+                    str(self.history_max_messages),
+                ],
+            )
+            kind = res[0]
+            if kind == "retry":
+                expect_idem, expect_active = res[1], res[2]
+                continue
+            if kind == "accepted":
+                return BeginOutcome("accepted", self._new_record(
+                    turn_id, user_id, conversation_id, client_turn_id, owner, now_ms
+                ), None)
+            if kind == "replayed":
+                record = _record(_pairs_to_dict(res[2]))
+                if res[1] == turn_id and record is not None and record.client_turn_id == client_turn_id:
+                    # Our own earlier attempt got through (the client retried
+                    # after a timeout): this call accepted the turn.
+                    return BeginOutcome("accepted", record, None)
+                return BeginOutcome("replayed", record, None)
+            if kind == "in_progress":
+                return BeginOutcome("in_progress", None, res[1])
+            raise RapportError(f"begin_turn: unexpected script answer {kind!r}")
+        raise Unavailable("begin_turn: too much contention, try again")
+
+    @staticmethod
+    def _new_record(
+        turn_id: str, user_id: str, conversation_id: str, client_turn_id: str, owner: str, now_ms: int
+    ) -> TurnRecord:
+        return TurnRecord(
+            turn_id=turn_id,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            client_turn_id=client_turn_id,
+            status="running",
+            finish_reason=None,
+            last_seq=0,
+            text="",
+            usage={},
+            timings={},
+            created_at_ms=now_ms,
+            ended_at_ms=None,
+            owner=owner,
+        )
+
+    @_guarded
+    async def append_deltas(
+        self, *, user_id: str, turn_id: str, deltas: Sequence[tuple[int, str]]
+    ) -> None:
+        """Append deltas ``(seq, text)`` (contiguous from the record's last_seq + 1).
+
+        One round trip. Seqs already stored are skipped, so retrying a call is
+        harmless. Raises NotFound when the record is gone; appending to an ended
+        turn is ignored (the end entry is final); a gap raises RapportError.
+        """
+        if not deltas:
+            return
+        args: list[str] = [str(self.idempotency_ttl_s * 1000)]
+        prev: int | None = None
+        for seq, text in deltas:
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+                raise ValueError(f"seq must be a positive int, got {seq!r}")
+            if prev is not None and seq != prev + 1:
+                raise ValueError(f"seqs must be contiguous: {prev} then {seq}")
+            _check_id("text", text)
+            args += [str(seq), text]
+            prev = seq
+        res = await self._append(
+            keys=[self.keys.turn(user_id, turn_id), self.keys.delta_log(user_id, turn_id)],
+            args=args,
+        )
+        kind = res[0]
+        if kind in ("ok", "ended"):
+            return
+        if kind == "missing":
+            raise NotFound("turn not found", turn_id=turn_id)
+        if kind == "gap":
+            raise RapportError(
+                f"append_deltas: seq {deltas[0][0]} does not follow last_seq {res[1]}", turn_id=turn_id
+            )
+        raise RapportError(f"append_deltas: unexpected script answer {kind!r}")
+
+    @_guarded
+    async def finish_turn(
+        self,
+        *,
+        user_id: str,
+        turn_id: str,
+        finish_reason: str,
+        text: str,
+        usage: dict,
+        timings: dict,
+        end: dict,
+        now_ms: int,
+    ) -> TurnRecord:
+        """End the turn once (idempotent): end entry, record, assistant history entry, free the conversation."""
+        _check_id("finish_reason", finish_reason)
+        _check_id("text", text)
+        _check_nonneg("now_ms", now_ms)
+        k = self.keys
+        turn_key = k.turn(user_id, turn_id)
+        # The conversation id never changes once the record exists; it names
+        # the history key the script must declare.
+        conversation_id = await self.redis.hget(turn_key, "conversation_id")
+        if conversation_id is None:
+            raise NotFound("turn not found", turn_id=turn_id)
+        res = await self._finish(
+            keys=[
+                turn_key,
+                k.delta_log(user_id, turn_id),
+                k.active(user_id),
+                k.history(user_id, conversation_id),
+                k.conversations(user_id),
+            ],
+            args=[
+                turn_id,
+                conversation_id,
+                finish_reason,
+                text,
+                _dumps(usage),
+                _dumps(timings),
+                _dumps(end),
+                str(now_ms),
+                str(self.delta_log_ttl_s * 1000),
+                str(self.idempotency_ttl_s),
+                str(self.history_max_messages),
+            ],
+        )
+        kind = res[0]
+        if kind in ("ended", "already"):
+            record = _record(_pairs_to_dict(res[1]))
+            assert record is not None
+            return record
+        if kind in ("missing", "mismatch"):
+            raise NotFound("turn not found", turn_id=turn_id)
+        raise RapportError(f"finish_turn: unexpected script answer {kind!r}")
+
+    @_guarded
+    async def get_turn(self, *, user_id: str, turn_id: str) -> TurnRecord | None:
+        return _record(await self.redis.hgetall(self.keys.turn(user_id, turn_id)))
+
+    @_guarded
+    async def active_turns(self, *, user_id: str) -> list[TurnRecord]:
+        """The user's running turns, oldest first; stale ``active`` entries are skipped."""
+        active = await self.redis.hgetall(self.keys.active(user_id))
+        if not active:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for turn_id in active.values():
+            pipe.hgetall(self.keys.turn(user_id, turn_id))
+        out: list[TurnRecord] = []
+        for (conv, turn_id), data in zip(active.items(), await pipe.execute()):
+            rec = _record(data)
+            if rec is not None and rec.status == "running" and rec.conversation_id == conv:
+                out.append(rec)
+        out.sort(key=lambda r: (r.created_at_ms, r.turn_id))
+        return out
+
+    # -- delta log ----------------------------------------------------------
+
+    @_guarded
+    async def read_log(
+        self, *, user_id: str, turn_id: str, after_seq: int, count: int | None = None
+    ) -> list[LogDelta | LogEnd]:
+        """Entries after ``after_seq`` (exclusive), in order; the end entry comes last."""
+        _check_nonneg("after_seq", after_seq)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        entries = await self.redis.xrange(
+            self.keys.delta_log(user_id, turn_id), min=f"({after_seq}-0", max="+", count=count
+        )
+        return [_log_item(eid, fields) for eid, fields in entries]
+
+    @_guarded
+    async def follow_log(
+        self, *, user_id: str, turn_id: str, after_seq: int, block_ms: int
+    ) -> list[LogDelta | LogEnd]:
+        """Wait up to ``block_ms`` for entries after ``after_seq``; [] on timeout.
+
+        Uses ``blocking_redis`` (XREAD BLOCK holds its connection). ``block_ms``
+        0 waits forever, as in Redis. A log that does not exist yet is waited for.
+        """
+        _check_nonneg("after_seq", after_seq)
+        _check_nonneg("block_ms", block_ms)
+        key = self.keys.delta_log(user_id, turn_id)
+        res = await self.blocking_redis.xread({key: f"{after_seq}-0"}, block=block_ms)
+        if not res:
+            return []
+        if isinstance(res, dict):  # RESP3: {key: [[(id, fields), ...]]}
+            entries = next(iter(res.values()))
+            if entries and isinstance(entries[0], list):
+                entries = entries[0]
+        else:  # RESP2: [[key, [(id, fields), ...]]]
+            entries = res[0][1]
+        return [_log_item(eid, fields) for eid, fields in entries]
+
+    @_guarded
+    async def log_exists(self, *, user_id: str, turn_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.delta_log(user_id, turn_id)))
+
+    # -- history ------------------------------------------------------------
+
+    @_guarded
+    async def history(
+        self, *, user_id: str, conversation_id: str, limit: int = 50, before: str | None = None
+    ) -> list[HistoryMessage]:
+        """The newest ``limit`` messages (older than ``before`` when given), oldest first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise BadRequest("limit must be a positive integer")
+        end = "+"
+        if before is not None:
+            m = _STREAM_ID.match(before) if isinstance(before, str) else None
+            if m is None or int(m.group(1)) > _U64_MAX or int(m.group(2)) > _U64_MAX:
+                raise BadRequest("before is not a message id")
+            if int(m.group(1)) == 0 and int(m.group(2)) == 0:
+                return []
+            end = f"({int(m.group(1))}-{int(m.group(2))}"
+        entries = await self.redis.xrevrange(
+            self.keys.history(user_id, conversation_id), max=end, min="-", count=limit
+        )
+        out = [
+            HistoryMessage(
+                id=eid,
+                role=f.get("role", ""),
+                text=f.get("text", ""),
+                turn_id=f.get("turn_id", ""),
+                status=f.get("status", ""),
+                created_at=int(f.get("created_at") or 0),
+            )
+            for eid, f in entries
+        ]
+        out.reverse()
+        return out
+
+    async def _drop_conversation(self, user_id: str, conversation_id: str) -> int:
+        k = self.keys
+        history_key = k.history(user_id, conversation_id)
+        expect = ""
+        for _ in range(_MAX_ATTEMPTS):
+            res = await self._drop(
+                keys=[
+                    k.active(user_id),
+                    history_key,
+                    k.conversations(user_id),
+                    k.turn(user_id, expect) if expect else history_key,
+                ],
+                args=[conversation_id, expect],
+            )
+            kind = res[0]
+            if kind == "retry":
+                expect = res[1]
+                continue
+            if kind == "in_progress":
+                raise TurnInProgress("the conversation has a running turn", turn_id=res[1])
+            if kind == "ok":
+                return int(res[1])
+            raise RapportError(f"unexpected script answer {kind!r}")
+        raise Unavailable("too much contention, try again")
+
+    @_guarded
+    async def clear_history(self, *, user_id: str, conversation_id: str) -> None:
+        """Drop the conversation's history; TurnInProgress while a turn runs in it."""
+        _check_id("conversation_id", conversation_id)
+        await self._drop_conversation(user_id, conversation_id)
+
+    @_guarded
+    async def delete_conversation(self, *, user_id: str, conversation_id: str) -> bool:
+        """Like :meth:`clear_history`; False when there was nothing to delete."""
+        _check_id("conversation_id", conversation_id)
+        return await self._drop_conversation(user_id, conversation_id) > 0
+
+    @_guarded
+    async def list_conversations(self, *, user_id: str) -> list[tuple[str, int]]:
+        """(conversation_id, last activity ms), newest first."""
+        rows = await self.redis.zrevrange(self.keys.conversations(user_id), 0, -1, withscores=True)
+        return [(member, int(score)) for member, score in rows]
+
+    # -- users --------------------------------------------------------------
+
+    @_guarded
+    async def delete_user(self, *, user_id: str) -> int:
+        """UNLINK every key under the user's tag (any module's); returns how many went."""
+        pattern = self.keys.user_pattern(user_id)
+        deleted = 0
+        batch: list[str] = []
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += await self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += await self.redis.unlink(*batch)
+        return deleted
