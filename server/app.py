@@ -12,6 +12,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from .config import Settings
 from .engines.base import Engine
+from . import openai_api, page, rest
 from .gateway import websocket_endpoint
 from .runtime import Runtime
 
@@ -50,6 +51,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            *openai_api.routes,
+            *rest.routes,
+            *page.routes,
         ],
         lifespan=lifespan,
     )
