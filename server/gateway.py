@@ -224,7 +224,7 @@ class Connection:
             case frames.TurnStart():
                 received = time.monotonic() * 1000.0
                 try:
-                    await rt.admit_turn(self, frame)
+                    await rt.admit_turn(self.user_id)
                     turn_id = await rt.manager.start(self, frame, received)
                 except RapportError as exc:
                     exc.fields.setdefault("client_turn_id", frame.client_turn_id)

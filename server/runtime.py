@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 
-from . import frames
 from .auth import Authenticator
 from .config import Settings
 from .engines.base import Engine
@@ -159,8 +158,12 @@ class Runtime:
     async def connection_closed(self, conn: Connection) -> None:
         self.metrics.connections.dec()
 
-    async def admit_turn(self, conn: Connection, start: frames.TurnStart) -> None:
-        """Rate limits and admission control; raises RateLimited or Busy to refuse."""
+    async def admit_turn(self, user_id: str) -> None:
+        """Rate limits and admission control for a new turn or completion request.
+
+        Raises Unavailable, RateLimited or Busy to refuse; the WebSocket and the
+        OpenAI-compatible endpoint both call it.
+        """
         if not self.engine.ready:
             from .errors import Unavailable
 
