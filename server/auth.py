@@ -7,6 +7,7 @@ token choose, never accept ``none``); ``exp`` and ``sub`` are required.
 from __future__ import annotations
 
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import jwt
@@ -58,7 +59,7 @@ class Authenticator:
 def check_user_id(value: object) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_USER_ID_CHARS:
         raise Unauthorized(f"the user id must be a string of 1..{MAX_USER_ID_CHARS} characters")
-    if any(ord(c) < 32 for c in value):
+    if any(unicodedata.category(c) == "Cc" for c in value):
         raise Unauthorized("the user id must not contain control characters")
     return value
 

@@ -4,43 +4,15 @@ that later issues add: bench, eval)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import ConfigError, add_arguments, settings_from
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from .serving import serve
 
-    from .app import create_app
-
-    settings = settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("rapport")
-    if settings.engine == "simulated":
-        log.warning("engine: SIMULATED (a timing simulation with made-up text, not a model); "
-                    "use --engine vllm for real replies")
-    if settings.auth == "dev":
-        log.warning("auth: development mode, hello.user is trusted (loopback only)")
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        # RFC 6455 section 7.4.1: 1009 for a message too big to process.
-        ws_max_size=settings.max_frame_bytes,
-        # WebSocket-level pings too, for proxies that only see control frames.
-        ws_ping_interval=settings.heartbeat_interval_ms / 1000.0,
-        ws_ping_timeout=settings.heartbeat_timeout_ms / 1000.0,
-        lifespan="on",
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-    )
+    serve(settings_from(args))
     return 0
 
 

@@ -10,6 +10,8 @@ not a silent conversion, so that client bugs surface early.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,18 +46,55 @@ class Codec:
             try:
                 # raw=False decodes MessagePack str as UTF-8 and rejects invalid UTF-8.
                 obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-            except (ValueError, msgpack.UnpackException, TypeError) as exc:
-                raise BadRequest(f"invalid MessagePack: {exc}") from None
+            except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+                raise BadRequest(f"invalid MessagePack: {type(exc).__name__}") from None
         else:
             if not isinstance(data, str):
                 raise BadRequest("binary frame on the rapport.v1.json subprotocol; send text frames")
             try:
-                obj = json.loads(data)
+                obj = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+            except RecursionError:
+                raise BadRequest("invalid JSON: nested too deeply") from None
             except ValueError as exc:
                 raise BadRequest(f"invalid JSON: {exc}") from None
+            if _SURROGATE_ESCAPE.search(data):
+                # RFC 8259 section 8.2: an escaped lone surrogate is not a character;
+                # such a string could not be stored or sent back as UTF-8.
+                _check_scalar_values(obj)
         if not isinstance(obj, dict):
             raise BadRequest("a frame must be a map with a string field 'type'")
         return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _refuse_constant(name: str) -> float:
+    # NaN and Infinity are not JSON (RFC 8259 section 6); browsers cannot parse them back.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _check_scalar_values(obj: Any) -> None:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("invalid JSON: a string contains a lone surrogate") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def choose_subprotocol(offered: list[str]) -> str | None:

@@ -50,6 +50,8 @@ class Settings:
     heartbeat_timeout_ms: int = 45_000
     hello_timeout_ms: int = 5_000
     detached_grace_ms: int = 30_000
+    lease_ms: int = 10_000
+    shutdown_drain_s: float = 10.0
     delta_log_ttl_s: int = 600
     idempotency_ttl_s: int = 86_400
     # latency budget
@@ -129,6 +131,8 @@ _HELP: dict[str, str] = {
     "heartbeat_timeout_ms": "close with 4408 after this much client silence",
     "hello_timeout_ms": "close with 4401 without valid credentials within this time",
     "detached_grace_ms": "how long a turn keeps generating after its last socket dropped",
+    "lease_ms": "a running turn's lease; another process ends it interrupted if its owner stops renewing",
+    "shutdown_drain_s": "on SIGTERM, how long running turns may finish before they are ended interrupted",
     "delta_log_ttl_s": "how long a turn's delta log is kept after it ends",
     "idempotency_ttl_s": "how long client_turn_id keys and turn records are kept",
     "ttft_budget_ms": "first-token budget: turns that would miss it are refused with busy",

@@ -175,7 +175,15 @@ def parse_client_frame(obj: dict[str, Any], *, max_input_chars: int) -> ClientFr
     parser = _PARSERS.get(kind)
     if parser is None:
         raise BadRequest(f"unknown frame type '{kind[:40]}'")
-    return parser(obj, max_input_chars)
+    try:
+        return parser(obj, max_input_chars)
+    except RapportError as exc:
+        # Tell the client which of its pending turns the error is about.
+        client_turn_id = obj.get("client_turn_id")
+        if kind == "turn.start" and isinstance(client_turn_id, str) \
+                and len(client_turn_id) <= MAX_CLIENT_TURN_ID_CHARS:
+            exc.fields.setdefault("client_turn_id", client_turn_id)
+        raise
 
 
 def _hello(obj: dict[str, Any], _: int) -> Hello:

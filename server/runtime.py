@@ -19,6 +19,7 @@ from sessions.store import ConversationStore
 
 from .auth import Authenticator
 from .config import Settings
+from .coordination import Coordinator
 from .engines.base import Engine
 from .metrics import Metrics
 from .turns import TurnManager, TurnPolicy
@@ -109,6 +110,12 @@ class Runtime:
                 default_temperature=settings.default_temperature,
             ),
         )
+        self.coordinator = Coordinator(
+            redis=self.redis, pubsub_redis=self.blocking_redis, keys=self.keys, store=self.store,
+            owner=self.manager.owner, lease_ms=settings.lease_ms,
+            live_turns=self.manager.live_turns, on_control=self.manager.on_control,
+        )
+        self.manager.coordinator = self.coordinator
         self.connections: set[Connection] = set()
         self._engine_task: asyncio.Task[None] | None = None
 
@@ -116,6 +123,7 @@ class Runtime:
         # The engine warms up in the background: /healthz answers at once and
         # /readyz turns true when the warm-up generation has completed.
         self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
+        self.coordinator.start()
 
     async def _start_engine(self) -> None:
         log.info("starting engine %s (%s)", self.engine.model_name, type(self.engine).__name__)
@@ -126,10 +134,20 @@ class Runtime:
         if self._engine_task is not None:
             await self._engine_task
 
-    async def close(self) -> None:
+    async def going_away(self) -> None:
+        """Shutdown begins: close every socket with 1001 so clients reconnect elsewhere."""
         for conn in list(self.connections):
             await conn.close_going_away()
-        await self.manager.close()
+        # Let the senders flush the close frames before the server drops the sockets.
+        for _ in range(50):
+            if not self.connections:
+                break
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        await self.going_away()
+        await self.manager.close(drain_s=self.settings.shutdown_drain_s)
+        await self.coordinator.close()
         if self._engine_task is not None and not self._engine_task.done():
             self._engine_task.cancel()
             await asyncio.gather(self._engine_task, return_exceptions=True)

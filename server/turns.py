@@ -33,6 +33,7 @@ from sessions.turn import Attachment, Ending, Turn, Usage
 
 from . import frames
 from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
+from .coordination import Coordinator, end_orphaned_turn
 from .metrics import Metrics
 from .errors import EngineError, NotFound, ResumeExpired, TurnInProgress, Unavailable
 
@@ -162,6 +163,12 @@ class TurnManager:
         self.owner = owner or uuid.uuid4().hex[:12]
         self.live: dict[str, LiveTurn] = {}
         self._closing = False
+        # Set by the runtime: leases and control messages across processes.
+        self.coordinator: Coordinator | None = None
+
+    def live_turns(self) -> list[tuple[str, str]]:
+        """(user, turn) of every turn generating here, for lease renewal."""
+        return [(live.user_id, turn_id) for turn_id, live in self.live.items()]
 
     # ------------------------------------------------------------ starting
 
@@ -188,6 +195,10 @@ class TurnManager:
         # the model cannot take is refused (too_large) without touching history.
         messages = await self._prompt(user_id, start.conversation_id, start.text, sampling)
         turn_id = "t_" + uuid.uuid4().hex
+        if self.coordinator is not None:
+            # The lease exists before the turn does, so a crash at any point
+            # after the accept leaves a lease that some process will reap.
+            await self.coordinator.leases.take(user_id, turn_id)
         outcome = await self.store.begin_turn(
             user_id=user_id,
             conversation_id=start.conversation_id,
@@ -197,6 +208,8 @@ class TurnManager:
             owner=self.owner,
             now_ms=wall_ms(),
         )
+        if outcome.kind != "accepted" and self.coordinator is not None:
+            await self._release_lease(user_id, turn_id)
         if outcome.kind == "in_progress":
             raise TurnInProgress(
                 f"conversation '{start.conversation_id}' already has a running turn",
@@ -334,6 +347,16 @@ class TurnManager:
             live.followers.clear()
             live.done.set()
             self.live.pop(live.turn_id, None)
+            await self._release_lease(live.user_id, live.turn_id)
+
+    async def _release_lease(self, user_id: str, turn_id: str) -> None:
+        if self.coordinator is None:
+            return
+        try:
+            await self.coordinator.leases.release(user_id, turn_id)
+        except Unavailable:
+            # An unreleased lease expires; the reaper then finds the turn ended and skips it.
+            log.warning("turn %s: could not release its lease", turn_id)
 
     async def _store_end(self, live: LiveTurn, ending: Ending, end: dict[str, Any]) -> None:
         delay = 0.05
@@ -383,11 +406,34 @@ class TurnManager:
         record = await self.store.get_turn(user_id=follower.user_id, turn_id=turn_id)
         if record is None:
             raise NotFound(f"no turn '{turn_id}'", turn_id=turn_id)
-        if record.status == "ended":
+        if record.status == "ended" or self.coordinator is None:
             follower.push(self._end_frame_of(record))
             return
-        raise Unavailable("that turn runs on another server process that is not reachable; resume it "
-                          "to follow it", turn_id=turn_id)
+        # The turn runs in another process: ask its owner to cancel it.
+        received = await self.coordinator.send(record.owner, "cancel", record.user_id, turn_id)
+        if received == 0 and await self.coordinator.leases.claim(record.user_id, turn_id):
+            # Nobody listens on the owner's channel: the process is gone.
+            ended = await end_orphaned_turn(self.store, record, "cancelled")
+            follower.push(self._end_frame_of(ended))
+            return
+        follower.adopt(turn_id, asyncio.get_running_loop().create_task(
+            self.follow_remote(follower, record, record.last_seq, only_end=True),
+            name=f"await end {turn_id}"))
+
+    def on_control(self, op: str, user_id: str, turn_id: str) -> None:
+        """A control message from another process about a turn we own."""
+        live = self.live.get(turn_id)
+        if live is None or live.user_id != user_id:
+            return
+        if op == "cancel":
+            self._stop(live, Turn.cancel)
+        elif op == "attach":
+            live.attachment.join()
+            if live.detach_timer is not None:
+                live.detach_timer.cancel()
+                live.detach_timer = None
+        elif op == "detach" and live.attachment.followers > 0:
+            self._left(live)
 
     # ------------------------------------------------------------ following
 
@@ -404,8 +450,11 @@ class TurnManager:
         if live is None or follower not in live.followers:
             return
         live.followers.discard(follower)
+        self._left(live)
+
+    def _left(self, live: LiveTurn) -> None:
         deadline = live.attachment.leave(now_ms())
-        if deadline is not None:
+        if deadline is not None and not live.machine.ended:
             live.detach_timer = asyncio.get_running_loop().call_later(
                 self.policy.detached_grace_ms / 1000.0, self._detach_expired, live)
 
@@ -441,9 +490,25 @@ class TurnManager:
                 turn_id=turn_id, text=record.text, finish_reason=record.finish_reason,
             )
         return asyncio.get_running_loop().create_task(
-            self.follow_remote(follower, record, after_seq), name=f"follow {turn_id}")
+            self._follow_elsewhere(follower, record, after_seq), name=f"follow {turn_id}")
 
-    async def follow_remote(self, follower: Follower, record: TurnRecord, after_seq: int) -> None:
+    async def _follow_elsewhere(self, follower: Follower, record: TurnRecord, after_seq: int) -> None:
+        """Follow a turn owned by another process, telling the owner someone is reading."""
+        announce = self.coordinator is not None and record.status == "running"
+        if announce:
+            assert self.coordinator is not None
+            with contextlib.suppress(Unavailable):
+                await self.coordinator.send(record.owner, "attach", record.user_id, record.turn_id)
+        try:
+            await self.follow_remote(follower, record, after_seq)
+        finally:
+            if announce:
+                assert self.coordinator is not None
+                with contextlib.suppress(Unavailable):
+                    await self.coordinator.send(record.owner, "detach", record.user_id, record.turn_id)
+
+    async def follow_remote(self, follower: Follower, record: TurnRecord, after_seq: int, *,
+                            only_end: bool = False) -> None:
         """Follow a turn through its delta log: backlog, then blocking reads until its end."""
         seq = after_seq
         entries = await self.store.read_log(user_id=record.user_id, turn_id=record.turn_id,
@@ -454,7 +519,8 @@ class TurnManager:
                     follower.push(entry.end)
                     return
                 if isinstance(entry, LogDelta) and entry.seq > seq:
-                    follower.push(frames.turn_delta(record.turn_id, entry.seq, entry.text))
+                    if not only_end:
+                        follower.push(frames.turn_delta(record.turn_id, entry.seq, entry.text))
                     seq = entry.seq
             entries = await self.store.follow_log(user_id=record.user_id, turn_id=record.turn_id,
                                                   after_seq=seq,
@@ -489,9 +555,15 @@ class TurnManager:
 
     # ------------------------------------------------------------ shutdown
 
-    async def close(self) -> None:
-        """End every turn of this process ``interrupted`` and store its partial reply."""
+    async def close(self, drain_s: float = 0.0) -> None:
+        """Stop taking turns; let running ones finish for up to ``drain_s``, then
+        end the rest ``interrupted`` and store their partial replies."""
         self._closing = True
+        waiting = [live.done.wait() for live in self.live.values()]
+        if waiting and drain_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_s):
+                    await asyncio.gather(*waiting)
         for live in list(self.live.values()):
             self._stop(live, Turn.engine_failed)
         pending = [live.task for live in self.live.values() if live.task is not None]

@@ -9,6 +9,8 @@ conversation id, turn id and client turn id)::
     P{u:U}:idem:K        string  client_turn_id -> turn_id (idempotency)
     P{u:U}:turn:T        hash    the turn record
     P{u:U}:log:T         stream  the turn's delta log (ids "seq-0", end "last-1")
+    Prunning             zset    "user\0turn" -> lease expiry of every running turn
+    Pctl:O               pubsub  control messages for server process O
 
 Every key of one user carries the Redis Cluster hash tag ``{u:U}``, so all of a
 user's keys live in one slot and multi-key Lua scripts work on Cluster.
@@ -95,3 +97,13 @@ class KeySpace:
 
     def delta_log(self, user_id: str, turn_id: str) -> str:
         return f"{self._base(user_id)}:log:{escape_id(turn_id)}"
+
+    # -- process-level keys (no user tag: each is a single-key structure) --
+
+    def running_index(self) -> str:
+        """zset ``user \\0 turn_id`` -> lease expiry (ms since epoch) of every running turn."""
+        return f"{self.prefix}running"
+
+    def control_channel(self, owner: str) -> str:
+        """Pub/sub channel on which the process ``owner`` takes cancel/attach/detach requests."""
+        return f"{self.prefix}ctl:{escape_id(owner)}"

@@ -251,7 +251,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
     """Re-raise Redis connectivity failures as Unavailable, other Redis errors as RapportError."""
 
     @functools.wraps(fn)
@@ -358,13 +358,13 @@ class ConversationStore:
 
     # -- health -------------------------------------------------------------
 
-    @_guarded
+    @redis_guarded
     async def ping(self) -> None:
         await self.redis.ping()
 
     # -- turns --------------------------------------------------------------
 
-    @_guarded
+    @redis_guarded
     async def begin_turn(
         self,
         *,
@@ -459,7 +459,7 @@ class ConversationStore:
             owner=owner,
         )
 
-    @_guarded
+    @redis_guarded
     async def append_deltas(
         self, *, user_id: str, turn_id: str, deltas: Sequence[tuple[int, str]]
     ) -> None:
@@ -496,7 +496,7 @@ class ConversationStore:
             )
         raise RapportError(f"append_deltas: unexpected script answer {kind!r}")
 
-    @_guarded
+    @redis_guarded
     async def finish_turn(
         self,
         *,
@@ -551,11 +551,11 @@ class ConversationStore:
             raise NotFound("turn not found", turn_id=turn_id)
         raise RapportError(f"finish_turn: unexpected script answer {kind!r}")
 
-    @_guarded
+    @redis_guarded
     async def get_turn(self, *, user_id: str, turn_id: str) -> TurnRecord | None:
         return _record(await self.redis.hgetall(self.keys.turn(user_id, turn_id)))
 
-    @_guarded
+    @redis_guarded
     async def active_turns(self, *, user_id: str) -> list[TurnRecord]:
         """The user's running turns, oldest first; stale ``active`` entries are skipped."""
         active = await self.redis.hgetall(self.keys.active(user_id))
@@ -574,7 +574,7 @@ class ConversationStore:
 
     # -- delta log ----------------------------------------------------------
 
-    @_guarded
+    @redis_guarded
     async def read_log(
         self, *, user_id: str, turn_id: str, after_seq: int, count: int | None = None
     ) -> list[LogDelta | LogEnd]:
@@ -587,7 +587,7 @@ class ConversationStore:
         )
         return [_log_item(eid, fields) for eid, fields in entries]
 
-    @_guarded
+    @redis_guarded
     async def follow_log(
         self, *, user_id: str, turn_id: str, after_seq: int, block_ms: int
     ) -> list[LogDelta | LogEnd]:
@@ -610,13 +610,13 @@ class ConversationStore:
             entries = res[0][1]
         return [_log_item(eid, fields) for eid, fields in entries]
 
-    @_guarded
+    @redis_guarded
     async def log_exists(self, *, user_id: str, turn_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.delta_log(user_id, turn_id)))
 
     # -- history ------------------------------------------------------------
 
-    @_guarded
+    @redis_guarded
     async def history(
         self, *, user_id: str, conversation_id: str, limit: int = 50, before: str | None = None
     ) -> list[HistoryMessage]:
@@ -673,19 +673,19 @@ class ConversationStore:
             raise RapportError(f"unexpected script answer {kind!r}")
         raise Unavailable("too much contention, try again")
 
-    @_guarded
+    @redis_guarded
     async def clear_history(self, *, user_id: str, conversation_id: str) -> None:
         """Drop the conversation's history; TurnInProgress while a turn runs in it."""
         _check_id("conversation_id", conversation_id)
         await self._drop_conversation(user_id, conversation_id)
 
-    @_guarded
+    @redis_guarded
     async def delete_conversation(self, *, user_id: str, conversation_id: str) -> bool:
         """Like :meth:`clear_history`; False when there was nothing to delete."""
         _check_id("conversation_id", conversation_id)
         return await self._drop_conversation(user_id, conversation_id) > 0
 
-    @_guarded
+    @redis_guarded
     async def list_conversations(self, *, user_id: str) -> list[tuple[str, int]]:
         """(conversation_id, last activity ms), newest first."""
         rows = await self.redis.zrevrange(self.keys.conversations(user_id), 0, -1, withscores=True)
@@ -693,7 +693,7 @@ class ConversationStore:
 
     # -- users --------------------------------------------------------------
 
-    @_guarded
+    @redis_guarded
     async def delete_user(self, *, user_id: str) -> int:
         """UNLINK every key under the user's tag (any module's); returns how many went."""
         pattern = self.keys.user_pattern(user_id)

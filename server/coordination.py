@@ -1,0 +1,228 @@
+"""Cross-process coordination through Redis: turn leases and control messages.
+
+Several gateway processes share one Redis. A turn generates in exactly one of
+them (its *owner*), while its followers may sit on any. Two mechanisms keep
+that honest:
+
+Leases
+    Every running turn has an entry in one sorted set, scored by the time its
+    lease runs out. The owner renews all of its entries every third of the
+    lease. Any process that finds an entry past its expiry claims it (``ZREM``
+    returns 1 to exactly one claimant) and, if the turn record still says
+    running, ends the turn ``interrupted`` with the partial reply from its delta
+    log (guarantee 3 when a process dies, e.g. SIGKILL). Its followers, reading
+    the delta log from anywhere, then see the end entry.
+
+Control messages
+    Each process subscribes to its own pub/sub channel. Another process that
+    receives ``turn.cancel`` for a turn it does not own publishes
+    ``cancel`` there; ``attach``/``detach`` tell the owner that a follower on
+    another process started or stopped reading, so a turn followed only from
+    elsewhere is not mistaken for an abandoned one. If nobody receives a
+    cancel (the owner is gone), the sender ends the turn itself, as a reaper
+    would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from sessions.keys import KeySpace
+from sessions.store import ConversationStore, LogDelta, TurnRecord, redis_guarded
+
+from . import frames
+from .errors import RapportError, Unavailable
+
+log = logging.getLogger("rapport.coordination")
+
+SEPARATOR = "\x00"
+
+
+def lease_member(user_id: str, turn_id: str) -> str:
+    return f"{user_id}{SEPARATOR}{turn_id}"
+
+
+def parse_member(member: str) -> tuple[str, str]:
+    user_id, _, turn_id = member.partition(SEPARATOR)
+    return user_id, turn_id
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Leases:
+    """The running-turn lease index (one sorted set for the whole deployment)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, lease_ms: int) -> None:
+        self.redis = redis
+        self.key = keys.running_index()
+        self.lease_ms = lease_ms
+
+    @redis_guarded
+    async def take(self, user_id: str, turn_id: str) -> None:
+        await self.redis.zadd(self.key, {lease_member(user_id, turn_id): wall_ms() + self.lease_ms})
+
+    @redis_guarded
+    async def renew(self, members: list[tuple[str, str]]) -> None:
+        if not members:
+            return
+        expiry = wall_ms() + self.lease_ms
+        # XX: renew only what is still there; a lease already reaped stays reaped.
+        await self.redis.zadd(self.key, {lease_member(u, t): expiry for u, t in members}, xx=True)
+
+    @redis_guarded
+    async def release(self, user_id: str, turn_id: str) -> None:
+        await self.redis.zrem(self.key, lease_member(user_id, turn_id))
+
+    @redis_guarded
+    async def expired(self, limit: int = 100) -> list[tuple[str, str]]:
+        members = await self.redis.zrangebyscore(self.key, "-inf", wall_ms(), start=0, num=limit)
+        return [parse_member(m) for m in members]
+
+    @redis_guarded
+    async def claim(self, user_id: str, turn_id: str) -> bool:
+        """True for exactly one caller: the one whose ZREM removed the entry."""
+        return bool(await self.redis.zrem(self.key, lease_member(user_id, turn_id)))
+
+
+async def end_orphaned_turn(store: ConversationStore, record: TurnRecord, finish_reason: str) -> TurnRecord:
+    """End a turn whose owner is gone, keeping the partial reply from its delta log."""
+    entries = await store.read_log(user_id=record.user_id, turn_id=record.turn_id, after_seq=0)
+    deltas = [e for e in entries if isinstance(e, LogDelta)]
+    text = "".join(d.text for d in deltas)
+    seq = deltas[-1].seq if deltas else 0
+    usage = {"prompt_tokens": 0, "completion_tokens": seq, "cached_prompt_tokens": 0}
+    total = max(0, wall_ms() - record.created_at_ms)
+    timings = {"queue_ms": None, "ttft_ms": None, "total_ms": float(total)}
+    end = frames.turn_end(turn_id=record.turn_id, seq=seq, finish_reason=finish_reason, text=text,
+                          usage=usage, timings=timings)
+    return await store.finish_turn(user_id=record.user_id, turn_id=record.turn_id, finish_reason=finish_reason,
+                                   text=text, usage=usage, timings=timings, end=end, now_ms=wall_ms())
+
+
+ControlHandler = Callable[[str, str, str], Awaitable[None] | None]
+
+
+class Coordinator:
+    """Owns this process's lease renewal, reaping and control-channel tasks."""
+
+    def __init__(self, *, redis: aioredis.Redis, pubsub_redis: aioredis.Redis, keys: KeySpace,
+                 store: ConversationStore, owner: str, lease_ms: int,
+                 live_turns: Callable[[], list[tuple[str, str]]], on_control: ControlHandler) -> None:
+        self.redis = redis
+        self.pubsub_redis = pubsub_redis
+        self.keys = keys
+        self.store = store
+        self.owner = owner
+        self.leases = Leases(redis, keys, lease_ms)
+        self._live_turns = live_turns
+        self._on_control = on_control
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reaped = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._renew_loop(), name="lease renew"),
+            loop.create_task(self._reap_loop(), name="lease reap"),
+            loop.create_task(self._listen_loop(), name="control listen"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # ------------------------------------------------------------ leases
+
+    async def _renew_loop(self) -> None:
+        period = self.leases.lease_ms / 3000.0
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.leases.renew(self._live_turns())
+            except Unavailable as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    async def _reap_loop(self) -> None:
+        period = min(1.0, self.leases.lease_ms / 4000.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.reap_once()
+            except Unavailable as exc:
+                log.warning("lease reaping failed: %s", exc)
+
+    async def reap_once(self) -> int:
+        ended = 0
+        mine = set(self._live_turns())
+        for user_id, turn_id in await self.leases.expired():
+            if (user_id, turn_id) in mine:
+                # Our own lease ran out (a stalled loop, or Redis was away): renew, don't reap.
+                await self.leases.take(user_id, turn_id)
+                continue
+            if not await self.leases.claim(user_id, turn_id):
+                continue  # another process got there first
+            record = await self.store.get_turn(user_id=user_id, turn_id=turn_id)
+            if record is None or record.status != "running":
+                continue
+            log.warning("turn %s: its process (%s) stopped renewing the lease; ending it interrupted",
+                        turn_id, record.owner)
+            await end_orphaned_turn(self.store, record, "interrupted")
+            ended += 1
+        self.reaped += ended
+        return ended
+
+    # ------------------------------------------------------------ control messages
+
+    @redis_guarded
+    async def send(self, owner: str, op: str, user_id: str, turn_id: str) -> int:
+        """Publish a control message to ``owner``; the number of processes that got it."""
+        message = json.dumps({"op": op, "user": user_id, "turn": turn_id})
+        return int(await self.redis.publish(self.keys.control_channel(owner), message))
+
+    async def _listen_loop(self) -> None:
+        channel = self.keys.control_channel(self.owner)
+        delay = 0.1
+        while True:
+            pubsub = self.pubsub_redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=30.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    await self._dispatch(message.get("data"))
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+                log.warning("control channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(rexc.RedisError, OSError, RuntimeError):
+                    await pubsub.aclose()
+
+    async def _dispatch(self, data: Any) -> None:
+        try:
+            message = json.loads(data)
+            op, user_id, turn_id = message["op"], message["user"], message["turn"]
+        except (TypeError, ValueError, KeyError):
+            log.warning("ignoring a malformed control message: %r", data)
+            return
+        try:
+            result = self._on_control(op, user_id, turn_id)
+            if result is not None:
+                await result
+        except RapportError as exc:
+            log.warning("control message %s for %s failed: %s", op, turn_id, exc)
