@@ -66,6 +66,7 @@ class Settings:
     sim_itl_ms: float = 20.0
     sim_max_num_seqs: int = 256
     sim_reply_tokens: int = 0
+    sim_echo: bool = False
     # vLLM
     model: str = ""
     max_model_len: int = 0
@@ -144,6 +145,7 @@ _HELP: dict[str, str] = {
     "sim_itl_ms": "simulated engine: time per decode step",
     "sim_max_num_seqs": "simulated engine: batch capacity",
     "sim_reply_tokens": "simulated engine: fixed reply length (0: varies)",
+    "sim_echo": "simulated engine: begin each reply by repeating the user's message (for tests)",
     "model": "model folder or name for --engine vllm (default: the small CPU model prepared by the project)",
     "max_model_len": "context window for vLLM (0: the model's own)",
     "dtype": "vLLM dtype (auto, float32, bfloat16, ...)",
@@ -167,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in _LIST_FIELDS:
             parser.add_argument(flag.removesuffix("s") if f.name == "allowed_origins" else flag,
                                 dest=f.name, action="append", default=None, help=help_text)
+        elif isinstance(getattr(Settings(), f.name), bool):
+            parser.add_argument(flag, dest=f.name, action="store_const", const="true", default=None,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 

@@ -1,7 +1,648 @@
-"""Placeholder: filled in by its own change."""
+"""The OpenAI-compatible HTTP API: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Stateless: the whole chat comes in the request and nothing is read from or
+written to conversation history. The request runs on the same engine, with
+the same admission control (:meth:`Runtime.admit_turn`), sampling bounds and
+first-token deadline as a WebSocket turn, and is counted in the same metrics
+(``rapport_turns_total`` by finish reason, time to first token, gaps).
+
+Authentication: always a Bearer JWT (``Authorization: Bearer <jwt>``), also
+when the server runs with ``--auth dev``. The development mode trusts a user
+name sent in the WebSocket ``hello``; plain HTTP has no such frame, and an
+unauthenticated completion endpoint would hand the model to anyone who can
+reach the port. ``rapport token USER`` prints a token to use as the API key.
+
+Response shapes follow OpenAI's: ``chat.completion`` with ``usage``, or an SSE
+stream of ``chat.completion.chunk`` objects (the first carries
+``delta.role``, the last a ``finish_reason``; with
+``stream_options.include_usage`` one more chunk with empty ``choices`` and the
+``usage``), ending with ``data: [DONE]``. Errors are
+``{"error": {"message", "type", "param", "code"}}`` where ``code`` is the
+Rapport protocol's error code, or ``context_length_exceeded`` for a prompt the
+context window cannot hold.
+
+The response status is decided when the engine's first event arrives, so a
+request that cannot start (engine failure, first-token deadline missed) gets a
+real HTTP error rather than a stream that breaks. A client that goes away at
+any point aborts the engine request at once: the response watches the
+connection and cancels the generation, which closes the engine's iterator.
+
+vLLM extensions accepted for benchmark tools: ``ignore_eos`` and
+``chat_template_kwargs.enable_thinking`` (off unless asked for).
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-routes: list[BaseRoute] = []
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from . import frames
+from .auth import bearer_token
+from .engines.base import ChatMessage, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
+from .errors import EngineError, RapportError, TooLarge, Unauthorized
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("rapport.openai")
+
+#: Largest request body read; bigger bodies answer 413 before any parsing.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES = 4096
+MAX_STOP_SEQUENCES = 16
+ROLES = ("system", "developer", "user", "assistant")
+
+_STATUS_FOR_CODE = {
+    "bad_request": 400,
+    "too_large": 400,
+    "context_length_exceeded": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "turn_in_progress": 409,
+    "rate_limited": 429,
+    "busy": 429,
+    "unavailable": 503,
+    "budget_exceeded": 503,
+    "internal": 500,
+}
+_TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 retry_after_ms: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after_ms = retry_after_ms
+
+    @classmethod
+    def from_rapport(cls, exc: RapportError) -> "ApiError":
+        retry = exc.fields.get("retry_after_ms")
+        return cls(_STATUS_FOR_CODE.get(exc.code, 500), exc.code, exc.message,
+                   retry_after_ms=retry if isinstance(retry, (int, float)) else None)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {
+            "message": self.message,
+            "type": _TYPE_FOR_STATUS.get(self.status, "server_error"),
+            "param": self.param,
+            "code": self.code,
+        }}
+
+    def headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.status == 401:
+            out["WWW-Authenticate"] = 'Bearer realm="rapport"'
+        if self.retry_after_ms is not None or self.status in (429, 503):
+            seconds = max(1, math.ceil((self.retry_after_ms or 1000) / 1000.0))
+            out["Retry-After"] = str(seconds)
+        return out
+
+    def response(self) -> Response:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "bad_request", message, param=param)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingOptions
+    stream: bool
+    include_usage: bool
+    max_tokens_asked: bool
+
+
+def _opt_number(body: dict[str, Any], name: str, lo: float, hi: float, *,
+                lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _bad(f"'{name}' must be a number", name)
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        bound = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise _bad(f"'{name}' must be {bound} and at most {hi}", name)
+    return float(value)
+
+
+def _opt_int(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"'{name}' must be an integer", name)
+    if not lo <= value <= hi:
+        raise _bad(f"'{name}' must be between {lo} and {hi}", name)
+    return value
+
+
+def _opt_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _bad(f"'{param or name}' must be a boolean", param or name)
+    return value
+
+
+def _opt_object(body: dict[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"'{name}' must be an object", name)
+    return value
+
+
+def _content(raw: Any, where: str, role: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    if raw is None and role == "assistant":
+        return ""
+    if isinstance(raw, list):
+        texts: list[str] = []
+        for j, part in enumerate(raw):
+            if not isinstance(part, dict):
+                raise _bad(f"{where}.content[{j}] must be an object", f"{where}.content")
+            kind = part.get("type")
+            if kind != "text":
+                raise _bad(f"{where}.content[{j}] has type {kind!r}; only 'text' parts are supported",
+                           f"{where}.content")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{where}.content[{j}].text must be a string", f"{where}.content")
+            texts.append(text)
+        return "\n".join(texts)
+    raise _bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+
+
+def _messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if raw is None:
+        raise _bad("missing required field 'messages'", "messages")
+    if not isinstance(raw, list):
+        raise _bad("'messages' must be an array", "messages")
+    if not raw:
+        raise _bad("'messages' must contain at least one message", "messages")
+    if len(raw) > MAX_MESSAGES:
+        raise _bad(f"'messages' holds more than {MAX_MESSAGES} messages", "messages")
+    out: list[ChatMessage] = []
+    for i, item in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be an object", "messages")
+        role = item.get("role")
+        if not isinstance(role, str):
+            raise _bad(f"{where}.role is missing or not a string", f"{where}.role")
+        if role not in ROLES:
+            raise _bad(f"{where}.role {role!r} is not supported; use one of system, user, assistant",
+                       f"{where}.role")
+        if "content" not in item and role != "assistant":
+            raise _bad(f"{where}.content is missing", f"{where}.content")
+        text = _content(item.get("content"), where, role)
+        # OpenAI's "developer" role is the newer name for system instructions.
+        out.append(ChatMessage("system" if role == "developer" else role, text))
+    return tuple(out)
+
+
+def _stop(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _bad("'stop' must be a string or an array of strings", "stop")
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise _bad(f"'stop' holds more than {MAX_STOP_SEQUENCES} sequences", "stop")
+    return tuple(s for s in items if s)
+
+
+def parse_request(body: Any, runtime: Runtime) -> CompletionRequest:
+    """Validate a decoded body; raises ApiError (400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("'model' must be a string", "model")
+    messages = _messages(body.get("messages"))
+    stream = _opt_bool(body, "stream") or False
+    stream_options = _opt_object(body, "stream_options")
+    include_usage = _opt_bool(stream_options, "include_usage", "stream_options.include_usage") or False
+    n = _opt_int(body, "n", 1, 128)
+    if n not in (None, 1):
+        raise _bad("only 'n': 1 is supported", "n")
+    temperature = _opt_number(body, "temperature", 0.0, 2.0)
+    top_p = _opt_number(body, "top_p", 0.0, 1.0, lo_open=True)
+    max_tokens = _opt_int(body, "max_tokens", 1, 2**31 - 1)
+    max_completion = _opt_int(body, "max_completion_tokens", 1, 2**31 - 1)
+    seed = _opt_int(body, "seed", -(2**63), 2**63 - 1)
+    stop = _stop(body.get("stop"))
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("'user' must be a string", "user")
+    ignore_eos = _opt_bool(body, "ignore_eos") or False
+    template = _opt_object(body, "chat_template_kwargs")
+    thinking = _opt_bool(template, "enable_thinking", "chat_template_kwargs.enable_thinking")
+    asked = max_completion if max_completion is not None else max_tokens
+    # The WebSocket path's defaults and clamps, so both paths share one policy.
+    base = runtime.manager.sampling_for(frames.TurnOptions(
+        temperature=temperature, top_p=top_p, max_tokens=asked, enable_thinking=thinking))
+    sampling = dataclasses.replace(base, seed=seed, stop=stop, ignore_eos=ignore_eos)
+    return CompletionRequest(messages=messages, sampling=sampling, stream=stream,
+                             include_usage=include_usage, max_tokens_asked=asked is not None)
+
+
+def check_context(req: CompletionRequest, runtime: Runtime) -> int:
+    """Prompt tokens; ApiError ``context_length_exceeded`` when prompt + max_tokens do not fit."""
+    engine = runtime.engine
+    prompt = engine.count_tokens(req.messages)
+    limit = engine.max_model_len
+    if prompt + req.sampling.max_tokens > limit:
+        raise ApiError(
+            400, "context_length_exceeded",
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt + req.sampling.max_tokens} tokens ({prompt} in the messages, "
+            f"{req.sampling.max_tokens} in the completion). Please reduce the length of the "
+            "messages or the completion.", param="messages")
+    return prompt
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise
+    return b"".join(chunks)
+
+
+def _decode_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise _bad("the request body is empty; send a JSON object with 'messages'")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise _bad("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise _bad(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                   f"column {exc.colno}") from None
+
+
+# ---------------------------------------------------------------- auth
+
+
+def authenticate(request: Request, runtime: Runtime) -> str:
+    """The user id of the request's Bearer JWT; ApiError 401 otherwise."""
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise ApiError(401, "unauthorized",
+                       "missing credentials: send 'Authorization: Bearer <jwt>' (the JWT is the API key)")
+    try:
+        return runtime.auth.verify(token)
+    except Unauthorized as exc:
+        raise ApiError(401, "unauthorized", exc.message) from None
+
+
+# ---------------------------------------------------------------- the response
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _usage(finish: EngineFinish | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    if finish is not None:
+        prompt_tokens, completion_tokens = finish.prompt_tokens, finish.completion_tokens
+    cached = finish.cached_prompt_tokens if finish is not None else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class _GenerationEnded(Exception):
+    """The engine stopped a request without a finish (it aborted it)."""
+
+
+class CompletionResponse:
+    """An ASGI response that runs one completion while watching the connection.
+
+    Two tasks: the producer (engine -> client) and a watcher that waits for the
+    client's ``http.disconnect``. Whichever ends first decides: a disconnect
+    cancels the producer, whose ``aclosing`` block closes the engine iterator
+    and so aborts the request inside the engine. This works whatever ASGI
+    version the server speaks and also while the engine has nothing to send.
+    """
+
+    def __init__(self, runtime: Runtime, req: CompletionRequest, *, user_id: str, prompt_tokens: int,
+                 received_ms: float) -> None:
+        self.runtime = runtime
+        self.req = req
+        self.user_id = user_id
+        self.prompt_tokens = prompt_tokens
+        self.received_ms = received_ms
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = runtime.engine.model_name
+        self.client_gone = False
+        # Filled in while generating, reported to metrics once.
+        self.finish_reason: str | None = None
+        self.submitted_ms: float | None = None
+        self.first_ms: float | None = None
+        self.completion_tokens = 0
+        self.finish: EngineFinish | None = None
+        self._recorded = False
+        self._last_delta_ms: float | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        producer = loop.create_task(self._produce(send), name=f"completion {self.id}")
+        watcher = loop.create_task(_wait_disconnect(receive), name=f"watch {self.id}")
+        try:
+            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not producer.done():
+                self.client_gone = True
+        finally:
+            for task in (producer, watcher):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(producer, watcher, return_exceptions=True)
+            self._record("cancelled" if self.client_gone else "interrupted")
+        if not producer.cancelled() and producer.exception() is not None and not self.client_gone:
+            raise producer.exception()  # type: ignore[misc]
+
+    # -- metrics ----------------------------------------------------------
+
+    def _record(self, default_reason: str) -> None:
+        """Count the request once, like a turn's end (only if it reached the engine)."""
+        if self._recorded or self.submitted_ms is None:
+            return
+        self._recorded = True
+        reason = self.finish_reason or default_reason
+        now = _ms()
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - self.received_ms, 3)
+
+        timings = {"queue_ms": since(self.submitted_ms), "ttft_ms": since(self.first_ms),
+                   "total_ms": round(now - self.received_ms, 3)}
+        usage = _usage(self.finish, self.prompt_tokens, self.completion_tokens)
+        self.runtime.metrics.turn_ended(
+            reason, timings,
+            {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+             "cached_prompt_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            self.runtime.settings.ttft_budget_ms)
+
+    def _delta_seen(self, tokens: int) -> None:
+        now = _ms()
+        if self.first_ms is None:
+            self.first_ms = now
+        elif self._last_delta_ms is not None:
+            self.runtime.metrics.delta_gap((now - self._last_delta_ms) / 1000.0)
+        self._last_delta_ms = now
+        self.completion_tokens += tokens
+
+    # -- generation -------------------------------------------------------
+
+    async def _produce(self, send: Send) -> None:
+        rt = self.runtime
+        request = EngineRequest(request_id=self.id, messages=self.req.messages,
+                                sampling=self.req.sampling, user_id=self.user_id)
+        self.submitted_ms = _ms()
+        stream = rt.engine.generate(request)
+        async with contextlib.aclosing(stream):  # closing it aborts the engine request
+            try:
+                first = await self._first_event(stream)
+            except ApiError as exc:
+                await _send_json(send, exc.status, exc.body(), exc.headers())
+                return
+            if self.req.stream:
+                await self._stream(send, first, stream)
+            else:
+                await self._collect(send, first, stream)
+
+    async def _first_event(self, stream: AsyncIterator[Any]) -> Any:
+        """The engine's first event within the first-token deadline, or an ApiError."""
+        settings = self.runtime.settings
+        left = settings.hard_deadline_ms - (_ms() - self.received_ms)
+        try:
+            return await asyncio.wait_for(anext(stream), timeout=max(0.001, left / 1000.0))
+        except asyncio.TimeoutError:
+            self.finish_reason = "budget_exceeded"
+            raise ApiError(503, "budget_exceeded",
+                           f"no first token within {settings.hard_deadline_ms} ms; retry shortly",
+                           retry_after_ms=1000) from None
+        except StopAsyncIteration:
+            self.finish_reason = "interrupted"
+            raise ApiError(503, "unavailable", "the engine aborted the request; retry") from None
+        except TooLarge as exc:
+            self.submitted_ms = None  # refused before it ran: not a turn
+            raise ApiError(400, "context_length_exceeded", exc.message, param="messages") from None
+        except EngineError as exc:
+            self.finish_reason = "interrupted"
+            raise ApiError(503, "unavailable", f"the engine failed: {exc.message}",
+                           retry_after_ms=1000) from None
+        except RapportError as exc:
+            self.finish_reason = "error"
+            raise ApiError.from_rapport(exc) from None
+
+    async def _events(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The first event, then the rest; raises _GenerationEnded when no finish comes."""
+        event = first
+        while True:
+            if isinstance(event, EngineFinish):
+                self.finish = event
+                self.completion_tokens = event.completion_tokens
+                self.finish_reason = event.finish_reason
+                yield event
+                return
+            if isinstance(event, EngineDelta):
+                self._delta_seen(event.tokens)
+                yield event
+            try:
+                event = await anext(stream)
+            except StopAsyncIteration:
+                raise _GenerationEnded() from None
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if self.req.include_usage:
+            chunk["usage"] = None
+        return b"data: " + _dumps(chunk) + b"\n\n"
+
+    async def _stream(self, send: Send, first: Any, stream: AsyncIterator[Any]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", self.id.encode()),
+        ]})
+
+        async def body(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await body(self._chunk({"role": "assistant", "content": ""}))
+        try:
+            async for event in self._events(first, stream):
+                if isinstance(event, EngineDelta):
+                    if event.text:
+                        await body(self._chunk({"content": event.text}))
+                else:
+                    await body(self._chunk({}, event.finish_reason))
+        except (_GenerationEnded, EngineError) as exc:
+            self.finish_reason = "interrupted"
+            message = exc.message if isinstance(exc, EngineError) else "the engine aborted the request"
+            err = ApiError(503, "unavailable", f"generation stopped: {message}")
+            await body(b"data: " + _dumps(err.body()) + b"\n\n")
+        else:
+            if self.req.include_usage:
+                usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model, "system_fingerprint": None, "choices": [],
+                               "usage": _usage(self.finish, self.prompt_tokens, self.completion_tokens)}
+                await body(b"data: " + _dumps(usage_chunk) + b"\n\n")
+        self._record("interrupted")
+        await body(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _collect(self, send: Send, first: Any, stream: AsyncIterator[Any]) -> None:
+        parts: list[str] = []
+        try:
+            async for event in self._events(first, stream):
+                if isinstance(event, EngineDelta):
+                    parts.append(event.text)
+        except (_GenerationEnded, EngineError) as exc:
+            self.finish_reason = "interrupted"
+            message = exc.message if isinstance(exc, EngineError) else "the engine aborted the request"
+            err = ApiError(503, "unavailable", f"generation stopped: {message}", retry_after_ms=1000)
+            self._record("interrupted")
+            await _send_json(send, err.status, err.body(), err.headers())
+            return
+        assert self.finish is not None
+        body = {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "logprobs": None, "finish_reason": self.finish.finish_reason}],
+            "usage": _usage(self.finish, self.prompt_tokens, self.completion_tokens),
+        }
+        self._record("stop")
+        await _send_json(send, 200, body, {"x-request-id": self.id})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    data = _dumps(body)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class _AsgiResponse(Response):
+    """Lets an endpoint return the ASGI callable above through Starlette's Route."""
+
+    def __init__(self, app: CompletionResponse) -> None:  # noqa: D107 - no body or headers of its own
+        self._app = app
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+async def chat_completions(request: Request) -> Response:
+    received = _ms()
+    rt: Runtime = request.app.state.runtime
+    try:
+        user_id = authenticate(request, rt)
+        req = parse_request(_decode_json(await _read_body(request)), rt)
+        prompt_tokens = check_context(req, rt)
+        await rt.admit_turn(user_id)
+    except ApiError as exc:
+        return exc.response()
+    except RapportError as exc:
+        return ApiError.from_rapport(exc).response()
+    except ClientDisconnect:
+        return Response(status_code=400)
+    return _AsgiResponse(CompletionResponse(rt, req, user_id=user_id, prompt_tokens=prompt_tokens,
+                                            received_ms=received))
+
+
+async def list_models(request: Request) -> Response:
+    rt: Runtime = request.app.state.runtime
+    try:
+        authenticate(request, rt)
+    except ApiError as exc:
+        return exc.response()
+    engine = rt.engine
+    return JSONResponse({"object": "list", "data": [{
+        "id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "rapport",
+        "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+    }]})
+
+
+_STARTED = int(time.time())
+
+routes: list[BaseRoute] = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

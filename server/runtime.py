@@ -40,6 +40,7 @@ def build_engine(settings: Settings) -> Engine:
             itl_ms=settings.sim_itl_ms,
             max_num_seqs=settings.sim_max_num_seqs,
             reply_tokens=settings.sim_reply_tokens or None,
+            echo=settings.sim_echo,
         )
     if settings.engine == "vllm":
         from .engines.vllm_local import VllmEngine
