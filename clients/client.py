@@ -271,14 +271,17 @@ class _TurnBase:
         seq, text = frame.get("seq"), frame.get("text")
         if not _is_int(seq) or not isinstance(text, str):
             raise ProtocolViolation("turn.delta needs an integer seq and a string text")
+        first = frame.get("seq_start", seq)  # a merged delta covers seq_start..seq
+        if not _is_int(first) or first > seq:
+            raise ProtocolViolation("turn.delta seq_start must be an integer no greater than seq")
         if seq <= self.last_seq:
             if self.strict:
                 raise ProtocolViolation(f"duplicate delta: seq {seq}, already hold up to {self.last_seq}")
             self.duplicates_dropped += 1
             self._dropped()
             return
-        if seq != self.last_seq + 1:
-            raise ProtocolViolation(f"gap in deltas: expected seq {self.last_seq + 1}, got {seq}")
+        if first != self.last_seq + 1:
+            raise ProtocolViolation(f"gap in deltas: expected seq {self.last_seq + 1}, got {first}")
         self._push(frame)
 
     def _push(self, delta: dict[str, Any]) -> None:
@@ -405,7 +408,10 @@ class RapportConnection:
 
         # With no subprotocol selected the server speaks JSON (protocol.md, Transport).
         codec = codec_for(ws.subprotocol)
-        hello: dict[str, Any] = {"type": "hello", "client": {"name": client_name, "version": client_version}}
+        # coalesce: a lagging socket may get consecutive deltas merged into one
+        # frame covering seq_start..seq (docs/protocol.md); _on_delta handles it.
+        hello: dict[str, Any] = {"type": "hello", "client": {"name": client_name, "version": client_version},
+                                 "coalesce": True}
         if token and not token_in_header:
             hello["token"] = token
         if user:

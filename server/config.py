@@ -45,6 +45,8 @@ class Settings:
     turns_per_minute: int = 30
     max_connections_per_user: int = 8
     outbox_max_frames: int = 2048
+    stuck_timeout_ms: int = 10_000
+    socket_send_buffer: int = 65_536
     # heartbeats and grace periods
     heartbeat_interval_ms: int = 15_000
     heartbeat_timeout_ms: int = 45_000
@@ -128,6 +130,8 @@ _HELP: dict[str, str] = {
     "turns_per_minute": "turns a user may start per minute",
     "max_connections_per_user": "open WebSockets a user may hold",
     "outbox_max_frames": "frames queued for one socket before it counts as stuck and is closed",
+    "socket_send_buffer": "kernel send buffer per socket in bytes (0: the OS default); keeps a lagging phone's backlog where it can be merged",
+    "stuck_timeout_ms": "close a socket whose queued frames have not moved for this long",
     "heartbeat_interval_ms": "server ping interval",
     "heartbeat_timeout_ms": "close with 4408 after this much client silence",
     "hello_timeout_ms": "close with 4401 without valid credentials within this time",

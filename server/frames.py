@@ -33,6 +33,9 @@ class Hello:
     token: str | None
     user: str | None
     client: ClientInfo | None
+    # Opt-in (an addition to version 1): lagging sockets may get several
+    # consecutive deltas merged into one frame carrying seq_start..seq.
+    coalesce: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,7 @@ def _hello(obj: dict[str, Any], _: int) -> Hello:
         token=_str(obj, "token", required=False, max_chars=8192),
         user=_str(obj, "user", required=False, max_chars=MAX_ID_CHARS),
         client=info,
+        coalesce=bool(_bool(obj, "coalesce")),
     )
 
 

@@ -72,12 +72,14 @@ class Connection:
         self._remote: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._close_code: int | None = None
+        self._stuck = False
+        self._main: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ Follower
 
-    def push(self, frame: dict[str, Any]) -> None:
+    def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
         try:
-            self.outbox.put(frame)
+            self.outbox.put(frame, live=live)
         except OutboxOverflow:
             # A socket that stays stuck is closed; its turns stay resumable.
             log.info("session %s: client stopped reading; closing it", self.session_id)
@@ -89,6 +91,7 @@ class Connection:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
         self._tasks.append(loop.create_task(self._send_loop(), name=f"send {self.session_id}"))
         try:
             if await self._handshake():
@@ -96,6 +99,12 @@ class Connection:
                 await self._receive_loop()
         except WebSocketDisconnect:
             pass
+        except asyncio.CancelledError:
+            if not self._stuck:
+                raise
+            # Our own cancellation of a stuck socket, not the server's shutdown.
+            if self._main is not None:
+                self._main.uncancel()
         finally:
             await self._teardown()
 
@@ -109,6 +118,21 @@ class Connection:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.user_id:
             await self.runtime.connection_closed(self)
+
+    def _drop_stuck(self) -> None:
+        """Give up on a socket that stopped reading.
+
+        Its sender is blocked in a send that waits for the peer to read, so a
+        close frame could never go out. Stop the sender and the receive loop;
+        returning from the endpoint lets the server close the transport, and
+        everything this connection held is released now.
+        """
+        self._close_code = CLOSE_POLICY
+        self._stuck = True
+        for task in self._tasks:
+            task.cancel()
+        if self._main is not None:
+            self._main.cancel()
 
     def _request_close(self, code: int) -> None:
         if self._close_code is None:
@@ -167,6 +191,7 @@ class Connection:
                     if not isinstance(frame, frames.Hello):
                         self.push(frames.error("unauthorized", "send hello first"))
                         continue
+                    self.outbox.coalesce = frame.coalesce
                     try:
                         self.user_id = self.runtime.auth.identify(
                             header_token=header_token, hello_token=frame.token, hello_user=frame.user)
@@ -303,6 +328,7 @@ class Connection:
         s = self.runtime.settings
         interval = s.heartbeat_interval_ms / 1000.0
         timeout = s.heartbeat_timeout_ms / 1000.0
+        stuck = s.stuck_timeout_ms / 1000.0
         next_ping = time.monotonic() + interval
         while True:
             now = time.monotonic()
@@ -312,10 +338,22 @@ class Connection:
                 log.info("session %s: silent for %.1fs; closing 4408", self.session_id, timeout)
                 self._request_close(CLOSE_HEARTBEAT_TIMEOUT)
                 return
+            stalled = self.outbox.stalled_since
+            if stalled is not None and now - stalled > stuck:
+                # Frames have waited this long with none taken: the phone stopped
+                # reading. Close it; its turns stay resumable.
+                log.info("session %s: nothing sent for %.1fs; closing the stuck socket",
+                         self.session_id, now - stalled)
+                self.runtime.metrics.slow_consumer_closed()
+                self._drop_stuck()
+                return
             if now >= next_ping:
                 self.push(frames.ping(int(time.time() * 1000)))
                 next_ping = now + interval
-            await asyncio.sleep(max(0.0, min(next_ping, dead_at) - now))
+            wake = min(next_ping, dead_at)
+            if stalled is not None:
+                wake = min(wake, stalled + stuck + 0.01)
+            await asyncio.sleep(max(0.0, min(wake - now, 1.0)))
 
     async def close_going_away(self) -> None:
         """Server shutdown: tell the client to reconnect, possibly elsewhere (1001)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import uvicorn
 
@@ -47,6 +48,9 @@ def serve(settings: Settings) -> None:
         ws="websockets-sansio",
         # RFC 6455 section 7.4.1: 1009 for a message too big to process.
         ws_max_size=settings.max_frame_bytes,
+        # permessage-deflate keeps two zlib contexts per socket (tens of KB);
+        # chat deltas are small, and thousands of idle phones must stay cheap.
+        ws_per_message_deflate=False,
         # WebSocket-level pings too, for proxies that only see control frames.
         ws_ping_interval=settings.heartbeat_interval_ms / 1000.0,
         ws_ping_timeout=settings.heartbeat_timeout_ms / 1000.0,
@@ -54,4 +58,23 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s) + 2),
     )
-    GatewayServer(config, app.state.runtime).run()
+    GatewayServer(config, app.state.runtime).run(sockets=[listening_socket(settings)])
+
+
+def listening_socket(settings: Settings) -> socket.socket:
+    """The listening socket, with a bounded kernel send buffer for every connection.
+
+    Accepted sockets inherit the listener's SO_SNDBUF (Linux clones it). Left
+    to autotuning, the kernel would queue megabytes of stale per-token frames
+    for a phone that stopped reading; bounded, the backlog stays in the app,
+    where the outbox can merge it and notice the phone is stuck.
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings.socket_send_buffer > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer)
+    sock.bind((settings.host.strip("[]"), settings.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

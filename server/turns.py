@@ -45,8 +45,9 @@ class Follower(Protocol):
 
     user_id: str
 
-    def push(self, frame: dict[str, Any]) -> None:
-        """Queue a frame for sending; never blocks."""
+    def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
+        """Queue a frame for sending; never blocks. ``live`` marks a delta fresh
+        from the engine (which a lagging socket may merge with the previous one)."""
 
     def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
         """Take ownership of a task following ``turn_id`` from another process."""
@@ -325,7 +326,7 @@ class TurnManager:
             live.last_delta_ms = t
         frame = frames.turn_delta(live.turn_id, seq, text)
         for follower in tuple(live.followers):
-            follower.push(frame)
+            follower.push(frame, live=True)
         live.appender.add(seq, text)
 
     async def _finish(self, live: LiveTurn, ending: Ending) -> None:
