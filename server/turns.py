@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from sessions.prompt import build_window, pair_history
 from sessions.store import ConversationStore, LogDelta, LogEnd, TurnRecord
-from sessions.turn import Attachment, Ending, Turn, Usage
+from sessions.turn import ENGINE_FINISH_REASONS, Attachment, Ending, Turn, Usage
 
 from . import frames
 from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
@@ -289,7 +289,15 @@ class TurnManager:
                     else:
                         finish = event
                         break
-            if finish is not None:
+            if finish is not None and finish.finish_reason not in ENGINE_FINISH_REASONS:
+                # The engine aborted the request on its own (vLLM's "abort"): not a
+                # natural end, so the turn ends interrupted with its partial reply.
+                ending = turn.engine_failed(now_ms(), Usage(
+                    prompt_tokens=finish.prompt_tokens,
+                    completion_tokens=finish.completion_tokens,
+                    cached_prompt_tokens=finish.cached_prompt_tokens,
+                ))
+            elif finish is not None:
                 ending = turn.finish(finish.finish_reason, Usage(
                     prompt_tokens=finish.prompt_tokens,
                     completion_tokens=finish.completion_tokens,

@@ -52,7 +52,9 @@ class EngineDelta:
 
 @dataclass(frozen=True, slots=True)
 class EngineFinish:
-    finish_reason: str  # "stop" or "length"
+    # "stop" or "length"; anything else (vLLM's "abort") means the engine gave
+    # the request up, and the turn ends interrupted.
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
