@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install vllm model clean bench
+.PHONY: run test install vllm model browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ model: vllm
 run: model
 	bash scripts/with-redis.sh $(BIN)/rapport serve $(ARGS)
 
-test: model
+# Headless Chromium and Playwright for the chat page's browser tests.
+browser: install
+	bash scripts/install-browser.sh $(VENV)
+
+test: model browser
 	bash scripts/with-redis.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
