@@ -30,7 +30,9 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     load = rt.engine.load()
-    return Response(rt.metrics.render(load.running, load.waiting),
+    unfinished = getattr(rt.engine, "unfinished_requests", None)
+    return Response(rt.metrics.render(load.running, load.waiting,
+                                      unfinished() if callable(unfinished) else None),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -30,7 +30,7 @@ class ConfigError(RapportError):
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
-    engine: str = "simulated"
+    engine: str = "vllm"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "rapport:"
     auth: str = "jwt"

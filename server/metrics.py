@@ -41,6 +41,9 @@ class Metrics:
                                     registry=r)
         self.engine_waiting = Gauge("rapport_engine_waiting_requests", "Requests queued in the engine",
                                     registry=r)
+        self.engine_unfinished = Gauge("rapport_engine_unfinished_requests",
+                                       "Requests the engine itself still tracks (vLLM's own count)",
+                                       registry=r)
         self.prompt_tokens = Counter("rapport_prompt_tokens_total", "Prompt tokens of ended turns",
                                      registry=r)
         self.cached_prompt_tokens = Counter("rapport_cached_prompt_tokens_total",
@@ -87,7 +90,9 @@ class Metrics:
     def delta_gap(self, seconds: float) -> None:
         self.gap.observe(seconds)
 
-    def render(self, engine_running: int, engine_waiting: int) -> bytes:
+    def render(self, engine_running: int, engine_waiting: int, engine_unfinished: int | None = None) -> bytes:
         self.engine_running.set(engine_running)
         self.engine_waiting.set(engine_waiting)
+        self.engine_unfinished.set(engine_running + engine_waiting if engine_unfinished is None
+                                   else engine_unfinished)
         return generate_latest(self.registry)

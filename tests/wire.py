@@ -60,9 +60,9 @@ async def recv_until(ws, kind: str, timeout: float = 10.0) -> list[dict]:
             return out
 
 
-async def stream_turn(ws, text: str = "hello", **fields) -> list[dict]:
+async def stream_turn(ws, text: str = "hello", *, timeout: float = 10.0, **fields) -> list[dict]:
     await send(ws, {"type": "turn.start", "client_turn_id": uuid.uuid4().hex, "text": text, **fields})
-    return await recv_until(ws, "turn.end")
+    return await recv_until(ws, "turn.end", timeout=timeout)
 
 
 def assert_contiguous(frames: list[dict]) -> None:
