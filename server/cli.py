@@ -38,6 +38,18 @@ def _chat(args: argparse.Namespace) -> int:
     return chat_command(args) or 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from clients.bench import bench_command
+
+    return bench_command(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from clients.eval import eval_command
+
+    return eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapport", description="Rapport: real-time chat backend for AI companions")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,14 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare-model", help="convert the small CPU model shipped on PyPI, once")
     prep.set_defaults(func=_prepare_model)
 
+    from clients.bench import add_bench_arguments
+    from clients.chat import add_chat_arguments
+    from clients.eval import add_eval_arguments
+
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
-    try:
-        from clients.chat import add_chat_arguments
-    except ImportError:  # the client ships in the same distribution; guard partial checkouts
-        add_chat_arguments = None
-    if add_chat_arguments is not None:
-        add_chat_arguments(chat)
+    add_chat_arguments(chat)
     chat.set_defaults(func=_chat)
+
+    bench = sub.add_parser("bench", help="load generator: many users chatting against a running server")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
+
+    evaluate = sub.add_parser("eval", help="score scripted conversations against one or more servers")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
     return parser
 
 

@@ -249,7 +249,7 @@ class Connection:
             case frames.TurnStart():
                 received = time.monotonic() * 1000.0
                 try:
-                    await rt.admit_turn(self.user_id)
+                    await rt.admit_turn(self.user_id, client_turn_id=frame.client_turn_id)
                     turn_id = await rt.manager.start(self, frame, received)
                 except RapportError as exc:
                     exc.fields.setdefault("client_turn_id", frame.client_turn_id)

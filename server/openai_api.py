@@ -27,6 +27,11 @@ real HTTP error rather than a stream that breaks. A client that goes away at
 any point aborts the engine request at once: the response watches the
 connection and cancels the generation, which closes the engine's iterator.
 
+``model`` may name anything (clients and benchmark tools send whatever they
+were configured with); the answer always names the model actually served, as
+``GET /v1/models`` lists it. ``n`` must be 1. ``user`` is accepted and ignored:
+the user is the token's ``sub``.
+
 vLLM extensions accepted for benchmark tools: ``ignore_eos`` and
 ``chat_template_kwargs.enable_thinking`` (off unless asked for).
 """
@@ -52,7 +57,13 @@ from starlette.types import Receive, Scope, Send
 
 from . import frames
 from .auth import bearer_token
-from .engines.base import ChatMessage, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
+from .engines.base import (
+    ChatMessage,
+    EngineDelta,
+    EngineFinish,
+    EngineRequest,
+    SamplingOptions,
+)
 from .errors import EngineError, RapportError, TooLarge, Unauthorized
 
 if TYPE_CHECKING:
@@ -105,7 +116,7 @@ class ApiError(Exception):
         self.retry_after_ms = retry_after_ms
 
     @classmethod
-    def from_rapport(cls, exc: RapportError) -> "ApiError":
+    def from_rapport(cls, exc: RapportError) -> ApiError:
         retry = exc.fields.get("retry_after_ms")
         return cls(_STATUS_FOR_CODE.get(exc.code, 500), exc.code, exc.message,
                    retry_after_ms=retry if isinstance(retry, (int, float)) else None)
@@ -144,7 +155,6 @@ class CompletionRequest:
     sampling: SamplingOptions
     stream: bool
     include_usage: bool
-    max_tokens_asked: bool
 
 
 def _opt_number(body: dict[str, Any], name: str, lo: float, hi: float, *,
@@ -282,7 +292,7 @@ def parse_request(body: Any, runtime: Runtime) -> CompletionRequest:
         temperature=temperature, top_p=top_p, max_tokens=asked, enable_thinking=thinking))
     sampling = dataclasses.replace(base, seed=seed, stop=stop, ignore_eos=ignore_eos)
     return CompletionRequest(messages=messages, sampling=sampling, stream=stream,
-                             include_usage=include_usage, max_tokens_asked=asked is not None)
+                             include_usage=include_usage)
 
 
 def check_context(req: CompletionRequest, runtime: Runtime) -> int:
@@ -306,14 +316,11 @@ async def _read_body(request: Request) -> bytes:
         raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -321,9 +328,11 @@ def _decode_json(raw: bytes) -> Any:
     if not raw.strip():
         raise _bad("the request body is empty; send a JSON object with 'messages'")
     try:
-        return json.loads(raw)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise _bad("the request body is not valid UTF-8") from None
+        raise _bad("the request body is not valid UTF-8 JSON") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _bad(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                    f"column {exc.colno}") from None
@@ -474,7 +483,7 @@ class CompletionResponse:
         left = settings.hard_deadline_ms - (_ms() - self.received_ms)
         try:
             return await asyncio.wait_for(anext(stream), timeout=max(0.001, left / 1000.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.finish_reason = "budget_exceeded"
             raise ApiError(503, "budget_exceeded",
                            f"no first token within {settings.hard_deadline_ms} ms; retry shortly",
@@ -598,7 +607,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
 class _AsgiResponse(Response):
     """Lets an endpoint return the ASGI callable above through Starlette's Route."""
 
-    def __init__(self, app: CompletionResponse) -> None:  # noqa: D107 - no body or headers of its own
+    def __init__(self, app: CompletionResponse) -> None:
         self._app = app
         self.background = None
 
@@ -616,7 +625,7 @@ async def chat_completions(request: Request) -> Response:
         user_id = authenticate(request, rt)
         req = parse_request(_decode_json(await _read_body(request)), rt)
         prompt_tokens = check_context(req, rt)
-        await rt.admit_turn(user_id)
+        await rt.admit_turn(user_id, prompt_tokens=prompt_tokens)
     except ApiError as exc:
         return exc.response()
     except RapportError as exc:

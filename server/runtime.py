@@ -119,11 +119,22 @@ class Runtime:
         self.manager.coordinator = self.coordinator
         self.connections: set[Connection] = set()
         self._engine_task: asyncio.Task[None] | None = None
+        # Per-user limits across processes (server.limits) and admission control.
+        from .admission import AdmissionController
+        from .limits import ConnectionRegistry, TurnRateLimiter
+
+        self.rate_limiter = TurnRateLimiter(self.redis, self.keys, limit=settings.turns_per_minute)
+        self.conn_registry = ConnectionRegistry(self.redis, self.keys, cap=settings.max_connections_per_user)
+        self.admission = AdmissionController(self.engine, settings.ttft_budget_ms,
+                                             reply_tokens=settings.default_max_tokens)
+        # Connections this process counts in the registry: connection -> user id.
+        self._registered: dict[Connection, str] = {}
 
     async def start(self) -> None:
         # The engine warms up in the background: /healthz answers at once and
         # /readyz turns true when the warm-up generation has completed.
         self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
+        self.conn_registry.start(self._registered_pairs)
         self.coordinator.start()
 
     async def _start_engine(self) -> None:
@@ -153,6 +164,8 @@ class Runtime:
             self._engine_task.cancel()
             await asyncio.gather(self._engine_task, return_exceptions=True)
         await self.engine.close()
+        await self.conn_registry.close(self._registered_pairs())
+        self._registered.clear()
         await self.redis.aclose()
         await self.blocking_redis.aclose()
 
@@ -170,20 +183,67 @@ class Runtime:
     # ------------------------------------------------------------ hooks for limits
 
     async def connection_opened(self, conn: Connection) -> int | None:
-        """Admit an authenticated connection; a close code refuses it."""
+        """Admit an authenticated connection; a close code refuses it.
+
+        Over the per-user cap (counted across every process sharing Redis):
+        4429. When Redis cannot be reached the connection is admitted untracked
+        rather than refused; the periodic refresh records it once Redis is back.
+        """
+        from .errors import Unavailable
+        from .gateway import CLOSE_TOO_MANY_CONNECTIONS
+
+        try:
+            if not await self.conn_registry.add(conn.user_id, conn.session_id):
+                log.info("user %s is over %d connections; closing 4429", conn.user_id,
+                         self.conn_registry.cap)
+                return CLOSE_TOO_MANY_CONNECTIONS
+        except Unavailable as exc:
+            log.warning("connection cap not checked (Redis unavailable): %s", exc)
+        self._registered[conn] = conn.user_id
         self.metrics.connections.inc()
         return None
 
     async def connection_closed(self, conn: Connection) -> None:
+        user_id = self._registered.pop(conn, None)
+        if user_id is None:
+            return  # refused with 4429: never counted
         self.metrics.connections.dec()
+        try:
+            await self.conn_registry.remove(user_id, conn.session_id)
+        except Exception as exc:  # noqa: BLE001 - the entry expires on its own
+            log.debug("could not remove connection %s: %r", conn.session_id, exc)
 
-    async def admit_turn(self, user_id: str) -> None:
+    def _registered_pairs(self) -> list[tuple[str, str]]:
+        return [(user_id, conn.session_id) for conn, user_id in self._registered.items()]
+
+    async def admit_turn(self, user_id: str, prompt_tokens: int | None = None,
+                         client_turn_id: str | None = None) -> None:
         """Rate limits and admission control for a new turn or completion request.
 
         Raises Unavailable, RateLimited or Busy to refuse; the WebSocket and the
-        OpenAI-compatible endpoint both call it.
+        OpenAI-compatible endpoint both call it. ``prompt_tokens``: the prompt's
+        size if known (else a typical size is assumed). ``client_turn_id``: when
+        given, a re-sent turn.start of an id the user already used (a replay,
+        no new generation) passes without counting against either limit.
         """
-        if not self.engine.ready:
-            from .errors import Unavailable
+        from .errors import Busy, RateLimited, Unavailable
 
+        if not self.engine.ready:
             raise Unavailable("the model is still warming up; retry shortly", retry_after_ms=1000)
+        try:
+            permit = await self.rate_limiter.check(user_id, client_turn_id=client_turn_id)
+        except RateLimited:
+            self.metrics.refused("rate_limited")
+            raise
+        if permit.replay:
+            return
+        try:
+            self.admission.check(prompt_tokens)
+        except Busy:
+            self.metrics.refused("busy")
+            # A turn refused for the server's load does not use up the user's rate.
+            try:
+                await self.rate_limiter.refund(permit)
+            except Exception as exc:  # noqa: BLE001 - at worst the start stays counted
+                log.debug("could not refund a rate permit: %r", exc)
+            raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,7 +55,10 @@ class ServerProcess:
                "--jwt-secret", JWT_SECRET, "--log-level", "warning", *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own process group, so that killing it also kills an engine's children
+        # (vLLM's engine core runs in a spawned process).
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -87,7 +91,11 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-        self._log.close()
+        finally:
+            # Whatever the server left behind in its group goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._log.close()
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
