@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 
 from conftest import ServerProcess, clean_prefix
 from server.outbox import Outbox
-from wire import JSON, open_ws, recv, recv_until, send
+from wire import JSON, open_ws, recv_until, send
 
 
 def delta(turn: str, seq: int, text: str) -> dict:

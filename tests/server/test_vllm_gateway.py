@@ -122,3 +122,29 @@ async def test_a_history_longer_than_the_context_is_trimmed_and_answered(vllm_se
     assert max(prompts) <= 2048 - 8
     assert prompts[-1] < sum(p for p in prompts[:2]) + 1000
     await ws.close()
+
+
+def test_eval_harness_against_the_real_model(vllm_server, tmp_path, capsys):
+    """A short `rapport eval` run against the real small model; its table is printed.
+
+    The small model's scores are low; the test checks they were measured, not their level.
+    """
+    import argparse
+    import json
+
+    from clients.eval import add_eval_arguments, eval_command
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "eval.json"
+    args = parser.parse_args(["--target", vllm_server.ws_url, "--scenario", "smoke-recall", "--repeat", "1",
+                              "--dev-users", "--json", str(out), "--turn-timeout-s", "300"])
+    code = eval_command(args)
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report, report
+    text = json.dumps(report)
+    assert "SmolLM2" in text and "accuracy" in text
