@@ -129,6 +129,9 @@ class Coordinator:
         self._on_control = on_control
         self._tasks: list[asyncio.Task[None]] = []
         self.reaped = 0
+        # Since when (monotonic s) this process has reached Redis without a
+        # failure; None while it is failing (see reap_once).
+        self._healthy_since: float | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,6 +156,7 @@ class Coordinator:
             try:
                 await self.leases.renew(self._live_turns())
             except Unavailable as exc:
+                self._healthy_since = None
                 log.warning("lease renewal failed: %s", exc)
 
     async def _reap_loop(self) -> None:
@@ -162,16 +166,35 @@ class Coordinator:
             try:
                 await self.reap_once()
             except Unavailable as exc:
+                self._healthy_since = None
                 log.warning("lease reaping failed: %s", exc)
+
+    def _settled(self) -> bool:
+        """True once this process has reached Redis without a failure for a whole lease.
+
+        While Redis is away nobody can renew, so every lease runs out; when it
+        comes back (or when this process has just started) the expired entries
+        say nothing about whether their owners are alive. Each live owner
+        renews within a third of a lease of reaching Redis again, so only
+        leases still expired after a full lease of good health are reaped.
+        """
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        return now - self._healthy_since >= self.leases.lease_ms / 1000.0
 
     async def reap_once(self) -> int:
         ended = 0
         mine = set(self._live_turns())
-        for user_id, turn_id in await self.leases.expired():
+        expired = await self.leases.expired()
+        settled = self._settled()
+        for user_id, turn_id in expired:
             if (user_id, turn_id) in mine:
                 # Our own lease ran out (a stalled loop, or Redis was away): renew, don't reap.
                 await self.leases.take(user_id, turn_id)
                 continue
+            if not settled:
+                continue  # its owner may simply not have reached Redis again yet
             if not await self.leases.claim(user_id, turn_id):
                 continue  # another process got there first
             record = await self.store.get_turn(user_id=user_id, turn_id=turn_id)

@@ -35,7 +35,7 @@ from . import frames
 from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
 from .coordination import Coordinator, end_orphaned_turn
 from .metrics import Metrics
-from .errors import EngineError, NotFound, ResumeExpired, TurnInProgress, Unavailable
+from .errors import EngineError, NotFound, RapportError, ResumeExpired, TurnInProgress, Unavailable
 
 log = logging.getLogger("rapport.turns")
 
@@ -503,18 +503,30 @@ class TurnManager:
 
     async def _follow_elsewhere(self, follower: Follower, record: TurnRecord, after_seq: int) -> None:
         """Follow a turn owned by another process, telling the owner someone is reading."""
-        announce = self.coordinator is not None and record.status == "running"
-        if announce:
-            assert self.coordinator is not None
-            with contextlib.suppress(Unavailable):
-                await self.coordinator.send(record.owner, "attach", record.user_id, record.turn_id)
+        coordinator = self.coordinator
+        attach: asyncio.Task[int] | None = None
+        if coordinator is not None and record.status == "running":
+            # The attach goes out alongside the first log read rather than before
+            # it: the resuming client waits on the read, the owner only needs to
+            # hear of us before its grace period runs out. It is a task of its own
+            # so that cancelling this follower cannot cut it off half-way.
+            attach = asyncio.get_running_loop().create_task(
+                coordinator.send(record.owner, "attach", record.user_id, record.turn_id),
+                name=f"attach {record.turn_id}")
         try:
             await self.follow_remote(follower, record, after_seq)
         finally:
-            if announce:
-                assert self.coordinator is not None
-                with contextlib.suppress(Unavailable):
-                    await self.coordinator.send(record.owner, "detach", record.user_id, record.turn_id)
+            if attach is not None:
+                assert coordinator is not None
+                try:
+                    delivered = await asyncio.shield(attach) > 0
+                except (RapportError, asyncio.CancelledError):
+                    delivered = False
+                # A detach only for an attach the owner got: an unmatched one would
+                # take away another follower's count and let the turn expire under it.
+                if delivered:
+                    with contextlib.suppress(RapportError):
+                        await coordinator.send(record.owner, "detach", record.user_id, record.turn_id)
 
     async def follow_remote(self, follower: Follower, record: TurnRecord, after_seq: int, *,
                             only_end: bool = False) -> None:
