@@ -5,12 +5,14 @@ complete turns of history, then the new user message (guarantee 5). Two limits
 apply: at most ``max_history_turns`` past turns, and the whole prompt must fit
 ``max_prompt_tokens`` (the context window minus the reply's ``max_tokens``).
 
-Why trim in blocks: vLLM's automatic prefix caching reuses the KV cache of the
+Why trim in jumps: vLLM's automatic prefix caching reuses the KV cache of the
 longest prompt prefix it has seen, in blocks of tokens. Dropping the oldest
 turn one at a time would shift the start of the prompt on every turn and throw
 the whole conversation's cache away each time. Instead the first kept turn
-moves forward ``trim_block`` turns at once, so between two jumps consecutive
-prompts extend one another and the cache serves everything but the new turn.
+moves forward in jumps -- ``trim_block`` turns at once under the turn cap, and
+a whole quantum of tokens (half the budget by default) under the token
+budget -- so between two jumps consecutive prompts extend one another and the
+cache serves everything but the new turn.
 """
 
 from __future__ import annotations
@@ -68,8 +70,19 @@ def build_window(
     max_prompt_tokens: int | None = None,
     count_tokens: Callable[[Sequence[ChatMessage]], int] | None = None,
     trim_block: int = 4,
+    trim_quantum: float = 0.5,
 ) -> list[ChatMessage]:
-    """The messages to send. Raises TooLarge when even no history would not fit."""
+    """The messages to send. Raises TooLarge when even no history would not fit.
+
+    Over the token budget, the turns dropped from the front are chosen so that
+    the number of tokens dropped is the overflow rounded up to a multiple of
+    ``trim_quantum * max_prompt_tokens``. That amount only changes when the
+    conversation has grown by a whole quantum, so after a trim the next turns
+    extend the same prefix (and hit vLLM's cache) until another quantum of
+    tokens has accumulated, instead of the start moving every few turns. The
+    choice depends only on the conversation, never on state kept between turns,
+    so every gateway process makes the same one.
+    """
     start = first_kept_turn(len(history), max_history_turns, trim_block)
     if max_prompt_tokens is None or count_tokens is None:
         return render(system_prompt, history[start:], new_text)
@@ -78,13 +91,23 @@ def build_window(
         raise TooLarge(
             f"the message needs more than the {max_prompt_tokens} prompt tokens the model's context allows"
         )
-    block = max(1, trim_block)
+    window = render(system_prompt, history[start:], new_text)
+    overflow = count_tokens(window) - max_prompt_tokens
+    if overflow <= 0:
+        return window
+    quantum = max(1, int(max_prompt_tokens * trim_quantum))
+    need = -(-overflow // quantum) * quantum
+    empty = count_tokens(render("", [], ""))
+    dropped = 0
+    while start < len(history) and dropped < need:
+        dropped += count_tokens(render("", [history[start]], "")) - empty
+        start += 1
+    # Token counts of a chat template are nearly, not exactly, additive: check.
     while start < len(history):
-        candidate = render(system_prompt, history[start:], new_text)
-        if count_tokens(candidate) <= max_prompt_tokens:
-            return candidate
-        # Jump by whole blocks here too, so the start stays put for a while.
-        start = min(len(history), start + block)
+        window = render(system_prompt, history[start:], new_text)
+        if count_tokens(window) <= max_prompt_tokens:
+            return window
+        start += 1
     return bare
 
 

@@ -166,21 +166,48 @@ TEN = [PastTurn("u" * 10, "a" * 10) for _ in range(10)]
 BARE = 20
 
 
+@pytest.mark.parametrize("budget", [BARE + 10 * 20, BARE + 10 * 20 + 50])
+def test_build_window_keeps_everything_that_fits(budget: int) -> None:
+    msgs = build_window(system_prompt=SYS, history=TEN, new_text=NEW, max_history_turns=100,
+                        max_prompt_tokens=budget, count_tokens=chars)
+    assert msgs == render(SYS, TEN, NEW)
+
+
 @pytest.mark.parametrize(("budget", "start"), [
-    (BARE + 10 * 20, 0),  # everything fits exactly
-    (BARE + 10 * 20 + 50, 0),
-    (BARE + 10 * 20 - 1, 4),  # one token short: drop a whole block, not one turn
-    (BARE + 6 * 20, 4),  # exactly fits 6 turns
-    (BARE + 5 * 20, 8),  # fits 5 turns, but the block boundary leaves 2
-    (BARE + 2 * 20, 8),
-    (BARE + 2 * 20 - 1, 10),  # no block fits: just the bare prompt
+    # quantum = budget // 2; dropped tokens = overflow rounded up to a quantum, in whole turns
+    (BARE + 10 * 20 - 1, 6),  # overflow 1 -> drop 109 -> 6 turns (120)
+    (BARE + 6 * 20, 7),  # overflow 80 -> drop 140 (quantum 70) -> 7 turns
+    (BARE + 2 * 20, 10),
     (BARE, 10),
 ])
-def test_build_window_trims_in_blocks_to_fit_the_token_budget(budget: int, start: int) -> None:
+def test_build_window_drops_a_whole_quantum_of_tokens(budget: int, start: int) -> None:
     msgs = build_window(system_prompt=SYS, history=TEN, new_text=NEW, max_history_turns=100,
-                        max_prompt_tokens=budget, count_tokens=chars, trim_block=4)
-    assert msgs == render(SYS, TEN[start:], NEW)
+                        max_prompt_tokens=budget, count_tokens=chars)
     assert chars(msgs) <= budget
+    overflow = chars(render(SYS, TEN, NEW)) - budget
+    quantum = budget // 2
+    need = -(-overflow // quantum) * quantum
+    expected = min(10, -(-need // 20))
+    assert msgs == render(SYS, TEN[expected:], NEW)
+
+
+def test_token_trimming_keeps_the_prefix_for_a_quantum_of_growth() -> None:
+    """Over a growing conversation the start moves only after half a budget of growth."""
+    budget = BARE + 20 * 20  # 20 turns of 20 tokens
+    conversation = [PastTurn("u" * 10, "a" * 10) for _ in range(120)]
+    starts = []
+    for n in range(len(conversation)):
+        msgs = build_window(system_prompt=SYS, history=conversation[:n], new_text=NEW,
+                            max_history_turns=1000, max_prompt_tokens=budget, count_tokens=chars)
+        assert chars(msgs) <= budget
+        kept = (len(msgs) - 2) // 2
+        starts.append(n - kept)
+    moves = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
+    gaps = [b - a for a, b in zip(moves, moves[1:])]
+    # A quantum is 210 tokens, more than 10 turns: at least 10 turns between moves.
+    assert gaps and min(gaps) >= 10, (moves, gaps)
+    for a, b in zip(moves, moves[1:]):  # between moves each prompt extends the previous one
+        assert len(set(starts[a:b])) == 1
 
 
 def test_build_window_budget_trimming_starts_from_the_cap_start() -> None:
@@ -188,7 +215,8 @@ def test_build_window_budget_trimming_starts_from_the_cap_start() -> None:
     # The cap alone keeps turns 4..19 (16 turns, 320 tokens); the budget fits 9.
     msgs = build_window(system_prompt=SYS, history=history, new_text=NEW, max_history_turns=16,
                         max_prompt_tokens=BARE + 9 * 20, count_tokens=chars, trim_block=4)
-    assert msgs == render(SYS, history[12:], NEW)  # 4 -> 8 (12 turns) -> 12 (8 turns)
+    # From the cap start 4: overflow 140, quantum 100, so 200 tokens (10 turns) go.
+    assert msgs == render(SYS, history[14:], NEW)
 
 
 def test_build_window_returns_system_and_message_when_no_history_fits() -> None:
@@ -214,7 +242,7 @@ def test_build_window_with_budget_omits_an_empty_system_prompt() -> None:
     msgs = build_window(system_prompt="", history=TEN, new_text=NEW, max_history_turns=16,
                         max_prompt_tokens=10 + 2 * 20, count_tokens=chars, trim_block=4)
     assert msgs[0] == ChatMessage("user", "u" * 10)
-    assert msgs == render("", TEN[8:], NEW)
+    assert msgs == render("", TEN[9:], NEW)  # overflow 160, quantum 25: drop 175 -> 9 turns
     bare = build_window(system_prompt="", history=TEN, new_text=NEW, max_history_turns=16,
                         max_prompt_tokens=10, count_tokens=chars)
     assert history_of(bare) == [("user", NEW)]
