@@ -132,6 +132,19 @@ class AdmissionController:
         self._seen = 0  # tickets retired because the engine's R+W grew
         self.admitted = 0
         self.refused = 0
+        self._prior_reply_tokens = self.reply_tokens
+
+    def observe_reply(self, completion_tokens: int) -> None:
+        """Learn the typical reply length from finished turns (a moving average).
+
+        Starting from the server's default max_tokens over-estimates how long a
+        slot stays busy when replies are short, and refuses turns the engine had
+        room for; the observed length is never taken above that prior.
+        """
+        if completion_tokens <= 0:
+            return
+        blended = 0.9 * self.reply_tokens + 0.1 * completion_tokens
+        self.reply_tokens = max(1, min(self._prior_reply_tokens, round(blended)))
 
     # ------------------------------------------------------------ pending turns
 

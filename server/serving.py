@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 
@@ -38,6 +39,9 @@ def serve(settings: Settings) -> None:
                     "use --engine vllm for real replies")
     if settings.auth == "dev":
         log.warning("auth: development mode, hello.user is trusted (loopback only)")
+    # Fewer, larger young-generation collections: a streaming server allocates
+    # many short-lived frames, and each collection pauses every socket at once.
+    gc.set_threshold(50_000, 20, 100)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

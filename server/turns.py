@@ -9,8 +9,9 @@ shutdown end it.
 Path of one delta: engine -> :meth:`TurnManager._generate` -> the pure
 :class:`~sessions.turn.Turn` numbers it -> pushed to every following
 connection's send queue (no await: nothing slow sits between the engine and the
-socket) -> appended to the turn's delta log in Redis by a :class:`LogAppender`,
-which batches whatever piled up while its previous write was in flight.
+socket) -> appended to the turn's delta log in Redis by the process's
+:class:`DeltaLogWriter`, which writes whatever piled up for all turns while its
+previous write was in flight in one pipelined round trip.
 
 A follower of a turn that runs in another process reads that turn's delta log
 with blocking stream reads (:meth:`TurnManager.follow_remote`).
@@ -76,55 +77,68 @@ def wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-class LogAppender:
-    """Writes one turn's deltas to its Redis delta log, in order, batching.
+class DeltaLogWriter:
+    """Writes the deltas of every turn in this process to their Redis delta logs.
 
-    At most one write is in flight; deltas that arrive meanwhile go out together
-    in the next one. When Redis is unreachable the batch is kept and retried
-    with backoff, so a short Redis outage loses no delta.
+    One task, one pipelined round trip per cycle for all turns with new deltas
+    (rather than one per turn per engine step): at most one write is in flight,
+    and whatever arrives meanwhile goes out in the next. Order per turn is kept
+    because a turn's deltas are only ever written by this one loop. When Redis
+    is unreachable the batch is retried with backoff, so a short outage loses
+    no delta.
     """
 
-    def __init__(self, store: ConversationStore, user_id: str, turn_id: str, retry_s: float) -> None:
+    def __init__(self, store: ConversationStore, retry_s: float) -> None:
         self._store = store
-        self._user_id = user_id
-        self._turn_id = turn_id
         self._retry_s = retry_s
-        self._pending: list[tuple[int, str]] = []
+        self._pending: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        self._inflight: frozenset[tuple[str, str]] = frozenset()
+        self._cycle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.failed = False
 
-    def add(self, seq: int, text: str) -> None:
-        self._pending.append((seq, text))
+    def add(self, user_id: str, turn_id: str, seq: int, text: str) -> None:
+        self._pending.setdefault((user_id, turn_id), []).append((seq, text))
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._flush())
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="delta log writer")
 
-    async def _flush(self) -> None:
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            self._inflight = frozenset(batch)
+            try:
+                await self._write(batch)
+            finally:
+                self._inflight = frozenset()
+                done, self._cycle = self._cycle, asyncio.Event()
+                done.set()
+
+    async def _write(self, batch: dict[tuple[str, str], list[tuple[int, str]]]) -> None:
         delay = 0.05
         deadline = time.monotonic() + self._retry_s
-        while self._pending:
-            batch, self._pending = self._pending, []
+        items = [(user_id, turn_id, deltas) for (user_id, turn_id), deltas in batch.items()]
+        while True:
             try:
-                await self._store.append_deltas(user_id=self._user_id, turn_id=self._turn_id, deltas=batch)
-                delay = 0.05
-                deadline = time.monotonic() + self._retry_s
+                failed = await self._store.append_deltas_many(items)
             except Unavailable:
-                self._pending[:0] = batch
                 if time.monotonic() > deadline:
-                    log.error("turn %s: giving up on %d delta(s) after Redis stayed unreachable",
-                              self._turn_id, len(self._pending))
-                    self._pending.clear()
-                    self.failed = True
+                    log.error("giving up on the deltas of %d turn(s): Redis stayed unreachable", len(items))
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            for turn_id, why in failed.items():
+                log.error("turn %s: its deltas could not be logged (%s)", turn_id, why)
+            return
 
-    async def drain(self) -> None:
-        if self._task is not None:
-            await self._task
+    async def drain(self, user_id: str, turn_id: str) -> None:
+        """Return once every delta of this turn added so far is written (or given up)."""
+        key = (user_id, turn_id)
+        while key in self._pending or key in self._inflight:
+            await self._cycle.wait()
 
-    def cancel(self) -> None:
+    async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 @dataclass(eq=False, slots=True)
@@ -138,7 +152,6 @@ class LiveTurn:
     attachment: Attachment
     messages: list[ChatMessage]
     sampling: SamplingOptions
-    appender: LogAppender
     followers: set[Follower] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     # Why we cancelled the generation task ourselves (None: shutdown).
@@ -163,9 +176,12 @@ class TurnManager:
         self.policy = policy
         self.owner = owner or uuid.uuid4().hex[:12]
         self.live: dict[str, LiveTurn] = {}
+        self.writer = DeltaLogWriter(store, policy.store_retry_s)
         self._closing = False
         # Set by the runtime: leases and control messages across processes.
         self.coordinator: Coordinator | None = None
+        # Told the completion tokens of every naturally finished turn (admission learns from it).
+        self.reply_observer: Callable[[int], None] | None = None
 
     def live_turns(self) -> list[tuple[str, str]]:
         """(user, turn) of every turn generating here, for lease renewal."""
@@ -239,7 +255,6 @@ class TurnManager:
             attachment=Attachment(grace_ms=self.policy.detached_grace_ms),
             messages=messages,
             sampling=sampling,
-            appender=LogAppender(self.store, user_id, record.turn_id, self.policy.store_retry_s),
         )
         live.followers.add(follower)
         self.live[record.turn_id] = live
@@ -303,6 +318,11 @@ class TurnManager:
                     completion_tokens=finish.completion_tokens,
                     cached_prompt_tokens=finish.cached_prompt_tokens,
                 ), now_ms())
+                if finish.engine_ttft_ms is not None:
+                    # The engine's own share of ttft_ms (an additive timings field).
+                    ending.timings["engine_ttft_ms"] = round(finish.engine_ttft_ms, 3)
+                if self.reply_observer is not None:
+                    self.reply_observer(finish.completion_tokens)
             else:
                 # The engine ended the stream without a finish: it aborted us.
                 ending = turn.engine_failed(now_ms(), self._partial_usage(live))
@@ -335,7 +355,7 @@ class TurnManager:
         frame = frames.turn_delta(live.turn_id, seq, text)
         for follower in tuple(live.followers):
             follower.push(frame, live=True)
-        live.appender.add(seq, text)
+        self.writer.add(live.user_id, live.turn_id, seq, text)
 
     async def _finish(self, live: LiveTurn, ending: Ending) -> None:
         for timer in (live.deadline_timer, live.detach_timer):
@@ -344,7 +364,7 @@ class TurnManager:
         end = frames.turn_end(turn_id=live.turn_id, seq=ending.seq, finish_reason=ending.finish_reason,
                               text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings)
         try:
-            await live.appender.drain()
+            await self.writer.drain(live.user_id, live.turn_id)
             await self._store_end(live, ending, end)
         finally:
             live.end_frame = end
@@ -590,3 +610,4 @@ class TurnManager:
         pending = [live.task for live in self.live.values() if live.task is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.writer.close()

@@ -497,6 +497,36 @@ class ConversationStore:
         raise RapportError(f"append_deltas: unexpected script answer {kind!r}")
 
     @redis_guarded
+    async def append_deltas_many(
+        self, batches: Sequence[tuple[str, str, Sequence[tuple[int, str]]]]
+    ) -> dict[str, str]:
+        """``append_deltas`` for many turns in one pipelined round trip.
+
+        ``batches`` holds ``(user_id, turn_id, deltas)``. Returns the turns whose
+        append failed, with why ("missing", "gap: ..."); the others succeeded
+        (appending to an ended turn counts as success, as in ``append_deltas``).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        order: list[str] = []
+        for user_id, turn_id, deltas in batches:
+            args: list[str] = [str(self.idempotency_ttl_s * 1000)]
+            for seq, text in deltas:
+                args += [str(seq), text]
+            await self._append(keys=[self.keys.turn(user_id, turn_id), self.keys.delta_log(user_id, turn_id)],
+                               args=args, client=pipe)
+            order.append(turn_id)
+        results = await pipe.execute(raise_on_error=False)
+        failed: dict[str, str] = {}
+        for turn_id, res in zip(order, results):
+            if isinstance(res, Exception):
+                if isinstance(res, _UNAVAILABLE_ERRORS):
+                    raise res
+                failed[turn_id] = f"error: {res}"
+            elif res[0] not in ("ok", "ended"):
+                failed[turn_id] = str(res[0]) if res[0] != "gap" else f"gap after {res[1]}"
+        return failed
+
+    @redis_guarded
     async def finish_turn(
         self,
         *,

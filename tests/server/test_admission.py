@@ -143,6 +143,22 @@ def test_load_formula_without_an_estimator():
     assert info.value.fields["retry_after_ms"] == 100 + 5 * 1250 + 20 - 2000 + 1250
 
 
+def test_observed_short_replies_shrink_the_slot_estimate_but_never_past_the_prior():
+    engine = LoadOnlyEngine(EngineLoad(running=4, waiting=4, max_num_seqs=4, recent_ttft_ms=100.0,
+                                       recent_itl_ms=50.0))
+    ac = AdmissionController(engine, budget_ms=2000, reply_tokens=256, overhead_ms=20)
+    before = ac.predict().slot_ms
+    for _ in range(60):
+        ac.observe_reply(40)
+    assert ac.reply_tokens < 60
+    assert ac.predict().slot_ms < before / 4
+    for _ in range(200):
+        ac.observe_reply(5000)  # longer than the prior: capped at the server's default
+    assert ac.reply_tokens == 256
+    ac.observe_reply(0)  # a turn with nothing generated teaches nothing
+    assert ac.reply_tokens == 256
+
+
 def test_free_slots_admit_and_retry_after_is_bounded():
     roomy = LoadOnlyEngine(EngineLoad(running=2, waiting=0, max_num_seqs=8, recent_ttft_ms=150.0,
                                       recent_itl_ms=30.0))

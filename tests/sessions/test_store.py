@@ -585,3 +585,21 @@ async def test_unavailable_when_redis_does_not_answer() -> None:
         await hung.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_append_deltas_many_writes_several_turns_in_one_round_trip(env: Env) -> None:
+    alice = await _running(env)
+    bob = (await env.begin(user="bob")).turn.turn_id
+    s = env.store
+    failed = await s.append_deltas_many([
+        ("alice", alice, [(1, "a1"), (2, "a2")]),
+        ("bob", bob, [(1, "b1")]),
+        ("carol", "no-such-turn", [(1, "x")]),
+    ])
+    assert failed == {"no-such-turn": "missing"}
+    assert await s.read_log(user_id="alice", turn_id=alice, after_seq=0) == [LogDelta(1, "a1"), LogDelta(2, "a2")]
+    assert await s.read_log(user_id="bob", turn_id=bob, after_seq=0) == [LogDelta(1, "b1")]
+    # A gap is reported for that turn only; the others still land.
+    failed = await s.append_deltas_many([("alice", alice, [(5, "gap")]), ("bob", bob, [(2, "b2")])])
+    assert failed == {alice: "gap after 2"}
+    assert (await s.get_turn(user_id="bob", turn_id=bob)).last_seq == 2
