@@ -33,7 +33,7 @@ Scenarios
 
     The figure, **gateway overhead** per turn::
 
-        overhead = client TTFT - (timings.ttft_ms - timings.queue_ms)
+        overhead = client TTFT - timings.engine_ttft_ms
 
     * client TTFT: the client's monotonic clock, from sending the accepted
       ``turn.start`` to receiving the first ``turn.delta``;
@@ -51,13 +51,11 @@ Scenarios
     ``client TTFT - timings.ttft_ms`` (network + socket + client) and
     ``queue_ms`` (gateway before the engine).
 
-    Limitation (why it is not exact): the engine's own TTFT
-    (``EngineFinish.engine_ttft_ms``) is not on the wire. ``ttft_ms -
-    queue_ms`` also contains the wake-up of the turn's task after the engine
-    step produced the token; the simulated engine runs in the gateway's event
-    loop, so a busy loop delays both its steps and that wake-up, and that time
-    is counted as engine time here (flattering the overhead). An additive
-    ``timings.engine_ttft_ms`` in turn.end would make the split exact.
+    ``timings.engine_ttft_ms`` is the engine's own time from submission to
+    the step that produced the first token. Against a server that does not
+    report it, the script falls back to ``ttft_ms - queue_ms``, which also
+    counts the wake-up of the turn's task after the engine step as engine time
+    (flattering the overhead).
 
     Also checked: every generated delta delivered (deltas received == sum of
     turn.end seq), zero seq gaps / duplicates, deltas concatenate to the
@@ -227,7 +225,7 @@ class Recorder:
     workers stay aligned row by row.
     """
 
-    TURN_COLS = ("t_sent", "ttft", "ttft_retries", "s_ttft", "s_queue", "s_total", "turn_ms", "end_seq",
+    TURN_COLS = ("t_sent", "ttft", "ttft_retries", "s_ttft", "s_queue", "s_engine", "s_total", "turn_ms", "end_seq",
                  "received")
 
     def __init__(self) -> None:
@@ -246,6 +244,14 @@ class Recorder:
 
     def export(self) -> dict[str, Any]:
         return {"cols": {k: v.tobytes() for k, v in self.cols.items()}, "counts": dict(self.counts)}
+
+
+def gateway_overhead(client_ttft: float, s_ttft: float, s_queue: float, s_engine: float) -> float:
+    """Client TTFT minus the engine's own TTFT (``timings.engine_ttft_ms`` when the
+    server reports it; otherwise the approximation ``ttft_ms - queue_ms``)."""
+    if not math.isnan(s_engine):
+        return client_ttft - s_engine
+    return client_ttft - (s_ttft - s_queue)
 
 
 def _opt(v: Any) -> float:
@@ -382,6 +388,7 @@ async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng:
                          ttft=(first_at - sent) * 1000.0 if first_at is not None else math.nan,
                          ttft_retries=(first_at - first_attempt) * 1000.0 if first_at is not None else math.nan,
                          s_ttft=_opt(tm.get("ttft_ms")), s_queue=_opt(tm.get("queue_ms")),
+                         s_engine=_opt(tm.get("engine_ttft_ms")),
                          s_total=_opt(tm.get("total_ms")), turn_ms=(now - sent) * 1000.0,
                          end_seq=float(end_seq), received=float(received))
                 rec.counts["retries"] += retries
@@ -985,6 +992,7 @@ def per_window(cols: dict[str, list[float]], series: list[dict[str, float]], wid
     if not t_sent:
         return []
     ttft, s_ttft, s_queue = cols["ttft"], cols["s_ttft"], cols["s_queue"]
+    s_engine = cols.get("s_engine", [math.nan] * len(ttft))
     refusal_t = cols.get("refusal_t", [])
     out = []
     end = max(t_sent)
@@ -992,7 +1000,7 @@ def per_window(cols: dict[str, list[float]], series: list[dict[str, float]], wid
     while k * width <= end:
         lo, hi = k * width, (k + 1) * width
         idx = [i for i, t in enumerate(t_sent) if lo <= t < hi]
-        over = [ttft[i] - (s_ttft[i] - s_queue[i]) for i in idx]
+        over = [gateway_overhead(ttft[i], s_ttft[i], s_queue[i], s_engine[i]) for i in idx]
         rows = [r for r in series if lo <= r["t"] < hi]
         cpu = None
         if len(rows) >= 2 and rows[-1]["t"] > rows[0]["t"]:
@@ -1102,9 +1110,10 @@ def scenario_streaming(args: argparse.Namespace, log_dir: str) -> dict[str, Any]
         gw.stop()
 
     ttft, s_ttft, s_queue = cols.get("ttft", []), cols.get("s_ttft", []), cols.get("s_queue", [])
-    overhead = [a - (b - q) for a, b, q in zip(ttft, s_ttft, s_queue)]
+    s_engine = cols.get("s_engine", [math.nan] * len(ttft))
+    overhead = [gateway_overhead(a, b, q, e) for a, b, q, e in zip(ttft, s_ttft, s_queue, s_engine)]
     wire = [a - b for a, b in zip(ttft, s_ttft)]
-    engine = [b - q for b, q in zip(s_ttft, s_queue)]
+    engine = [e if not math.isnan(e) else b - q for b, q, e in zip(s_ttft, s_queue, s_engine)]
     completed = c["turns_ok"]
     planned = users * turns
     received = int(sum(cols.get("received", [])))

@@ -1,7 +1,8 @@
 """The WebSocket gateway at ``/v1/ws``: one :class:`Connection` per socket.
 
-A connection is three owned pieces: the receive loop (the endpoint coroutine
-itself), a sender task draining a queue of frames, and a heartbeat task. Turns
+A connection is two owned pieces: the receive loop (the endpoint coroutine
+itself) and a sender task draining a queue of frames; heartbeats are checked
+for all connections by one sweeper task of the runtime. Turns
 are not owned here (see :mod:`server.turns`): a connection only follows them,
 so a dropped socket leaves its turns running for the detached grace period.
 
@@ -73,6 +74,8 @@ class Connection:
         self._tasks: list[asyncio.Task[None]] = []
         self._close_code: int | None = None
         self._stuck = False
+        self._beating = False  # heartbeats run once the handshake is done
+        self._next_ping = 0.0
         self._main: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ Follower
@@ -95,7 +98,8 @@ class Connection:
         self._tasks.append(loop.create_task(self._send_loop(), name=f"send {self.session_id}"))
         try:
             if await self._handshake():
-                self._tasks.append(loop.create_task(self._heartbeat(), name=f"beat {self.session_id}"))
+                self._next_ping = time.monotonic() + self.runtime.settings.heartbeat_interval_ms / 1000.0
+                self._beating = True
                 await self._receive_loop()
         except WebSocketDisconnect:
             pass
@@ -324,36 +328,34 @@ class Connection:
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
 
-    async def _heartbeat(self) -> None:
+    def beat(self, now: float) -> None:
+        """One heartbeat check, called by the process's sweeper (``Runtime``).
+
+        A shared sweeper rather than a task per socket: 10,000 idle phones
+        would otherwise mean 10,000 sleeping tasks and as many wake-ups.
+        """
+        if not self._beating or self._close_code is not None:
+            return
         s = self.runtime.settings
-        interval = s.heartbeat_interval_ms / 1000.0
-        timeout = s.heartbeat_timeout_ms / 1000.0
-        stuck = s.stuck_timeout_ms / 1000.0
-        next_ping = time.monotonic() + interval
-        while True:
-            now = time.monotonic()
-            dead_at = self._last_rx + timeout
-            if now >= dead_at:
-                self.runtime.metrics.heartbeat_timeout()
-                log.info("session %s: silent for %.1fs; closing 4408", self.session_id, timeout)
-                self._request_close(CLOSE_HEARTBEAT_TIMEOUT)
-                return
-            stalled = self.outbox.stalled_since
-            if stalled is not None and now - stalled > stuck:
-                # Frames have waited this long with none taken: the phone stopped
-                # reading. Close it; its turns stay resumable.
-                log.info("session %s: nothing sent for %.1fs; closing the stuck socket",
-                         self.session_id, now - stalled)
-                self.runtime.metrics.slow_consumer_closed()
-                self._drop_stuck()
-                return
-            if now >= next_ping:
-                self.push(frames.ping(int(time.time() * 1000)))
-                next_ping = now + interval
-            wake = min(next_ping, dead_at)
-            if stalled is not None:
-                wake = min(wake, stalled + stuck + 0.01)
-            await asyncio.sleep(max(0.0, min(wake - now, 1.0)))
+        if now - self._last_rx >= s.heartbeat_timeout_ms / 1000.0:
+            self._beating = False
+            self.runtime.metrics.heartbeat_timeout()
+            log.info("session %s: silent for %.1fs; closing 4408", self.session_id, now - self._last_rx)
+            self._request_close(CLOSE_HEARTBEAT_TIMEOUT)
+            return
+        stalled = self.outbox.stalled_since
+        if stalled is not None and now - stalled > s.stuck_timeout_ms / 1000.0:
+            # Frames have waited this long with none taken: the phone stopped
+            # reading. Close it; its turns stay resumable.
+            self._beating = False
+            log.info("session %s: nothing sent for %.1fs; closing the stuck socket",
+                     self.session_id, now - stalled)
+            self.runtime.metrics.slow_consumer_closed()
+            self._drop_stuck()
+            return
+        if now >= self._next_ping:
+            self.push(frames.ping(int(time.time() * 1000)))
+            self._next_ping = now + s.heartbeat_interval_ms / 1000.0
 
     async def close_going_away(self) -> None:
         """Server shutdown: tell the client to reconnect, possibly elsewhere (1001)."""

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import shlex
+import time
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -122,6 +123,7 @@ class Runtime:
         self.manager.coordinator = self.coordinator
         self.connections: set[Connection] = set()
         self._engine_task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         # Per-user limits across processes (server.limits) and admission control.
         from .admission import AdmissionController
         from .limits import ConnectionRegistry, TurnRateLimiter
@@ -140,6 +142,17 @@ class Runtime:
         self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
         self.conn_registry.start(self._registered_pairs)
         self.coordinator.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_heartbeats(), name="heartbeats")
+
+    async def _sweep_heartbeats(self) -> None:
+        s = self.settings
+        tick = max(0.05, min(1.0, s.heartbeat_interval_ms / 4000.0, s.heartbeat_timeout_ms / 4000.0,
+                             s.stuck_timeout_ms / 4000.0))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.beat(now)
 
     async def _start_engine(self) -> None:
         log.info("starting engine %s (%s)", self.engine.model_name, type(self.engine).__name__)
@@ -168,6 +181,9 @@ class Runtime:
         await self.going_away()
         await self.manager.close(drain_s=self.settings.shutdown_drain_s)
         await self.coordinator.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._engine_task is not None and not self._engine_task.done():
             self._engine_task.cancel()
             await asyncio.gather(self._engine_task, return_exceptions=True)
