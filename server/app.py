@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from .config import Settings
 from .engines.base import Engine
@@ -36,6 +37,25 @@ async def metrics(request: Request) -> Response:
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+class RapportApp(Starlette):
+    """Starlette, with the WebSocket gateway taken straight off the ASGI call.
+
+    Each phone's socket lives for hours; going through Starlette's middleware
+    stack would keep its frames (several KB) alive for every connection. The
+    gateway handles its own errors, so it needs none of them.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            scope["app"] = self
+            await websocket_endpoint(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
+
+
+WS_PATH = "/v1/ws"
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     runtime = Runtime(settings, engine=engine)
 
@@ -47,9 +67,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         finally:
             await runtime.close()
 
-    app = Starlette(
+    app = RapportApp(
         routes=[
-            WebSocketRoute("/v1/ws", websocket_endpoint),
+            WebSocketRoute(WS_PATH, websocket_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
