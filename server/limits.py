@@ -29,17 +29,15 @@ not agree. When Redis cannot be reached both raise
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
-import redis.exceptions as rexc
 
 from sessions.keys import KeySpace
+from sessions.store import redis_guarded
 
 from .errors import RapportError, RateLimited, Unavailable
 
@@ -48,33 +46,9 @@ log = logging.getLogger("rapport.limits")
 __all__ = ["ConnectionRegistry", "Permit", "TurnRateLimiter"]
 
 # Failures that mean "Redis cannot be reached right now" (as opposed to a bug).
-_UNAVAILABLE = (
-    rexc.ConnectionError,  # includes BusyLoadingError
-    rexc.TimeoutError,
-    rexc.ClusterDownError,
-    rexc.TryAgainError,
-    rexc.MasterDownError,
-    rexc.ReadOnlyError,
-    OSError,  # includes the builtin TimeoutError
-)
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return await fn(*args, **kwargs)
-        except RapportError:
-            raise
-        except _UNAVAILABLE as exc:
-            raise Unavailable(f"limits unavailable: {type(exc).__name__}: {exc}") from exc
-        except rexc.RedisError as exc:
-            raise RapportError(f"limits error: {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
+# Redis connectivity failures become Unavailable, as everywhere else in the project.
+_guarded = redis_guarded
 
 
 # ---------------------------------------------------------------------------
