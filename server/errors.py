@@ -83,3 +83,20 @@ class IllegalTransition(RapportError):
     """
 
     code = "internal"
+
+
+#: The HTTP status each error code answers with on the HTTP endpoints
+#: (REST history and the OpenAI-compatible API); unknown codes are 500.
+HTTP_STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "too_large": 400,
+    "context_length_exceeded": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "turn_in_progress": 409,
+    "rate_limited": 429,
+    "busy": 429,
+    "unavailable": 503,
+    "budget_exceeded": 503,
+    "internal": 500,
+}

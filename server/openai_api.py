@@ -64,7 +64,7 @@ from .engines.base import (
     EngineRequest,
     SamplingOptions,
 )
-from .errors import EngineError, RapportError, TooLarge, Unauthorized
+from .errors import HTTP_STATUS, EngineError, RapportError, TooLarge, Unauthorized
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -77,19 +77,6 @@ MAX_MESSAGES = 4096
 MAX_STOP_SEQUENCES = 16
 ROLES = ("system", "developer", "user", "assistant")
 
-_STATUS_FOR_CODE = {
-    "bad_request": 400,
-    "too_large": 400,
-    "context_length_exceeded": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "turn_in_progress": 409,
-    "rate_limited": 429,
-    "busy": 429,
-    "unavailable": 503,
-    "budget_exceeded": 503,
-    "internal": 500,
-}
 _TYPE_FOR_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -118,7 +105,7 @@ class ApiError(Exception):
     @classmethod
     def from_rapport(cls, exc: RapportError) -> ApiError:
         retry = exc.fields.get("retry_after_ms")
-        return cls(_STATUS_FOR_CODE.get(exc.code, 500), exc.code, exc.message,
+        return cls(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message,
                    retry_after_ms=retry if isinstance(retry, (int, float)) else None)
 
     def body(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import bearer_token
-from .errors import BadRequest, NotFound, RapportError, Unauthorized, Unavailable
+from .errors import HTTP_STATUS, BadRequest, NotFound, RapportError, Unauthorized, Unavailable
 from .frames import MAX_ID_CHARS
 
 if TYPE_CHECKING:
@@ -46,21 +46,10 @@ MAX_LIMIT = 100
 #: How long DELETE /v1/users/me waits for the user's running turns to end after cancelling them.
 CANCEL_WAIT_S = 10.0
 
-_STATUS = {
-    "bad_request": 400,
-    "too_large": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "turn_in_progress": 409,
-    "rate_limited": 429,
-    "busy": 429,
-    "unavailable": 503,
-    "internal": 500,
-}
 
 
 def error_response(exc: RapportError) -> Response:
-    status = _STATUS.get(exc.code, 500)
+    status = HTTP_STATUS.get(exc.code, 500)
     body: dict[str, Any] = {"code": exc.code, "message": exc.message}
     body.update({k: v for k, v in exc.fields.items() if k in ("turn_id", "retry_after_ms")})
     headers: dict[str, str] = {}

@@ -34,7 +34,7 @@ from sessions.turn import ENGINE_FINISH_REASONS, Attachment, Ending, Turn, Usage
 
 from . import frames
 from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
-from .coordination import Coordinator, end_orphaned_turn
+from .coordination import Coordinator, end_orphaned_turn, wall_ms
 from .metrics import Metrics
 from .errors import EngineError, NotFound, RapportError, ResumeExpired, TurnInProgress, Unavailable
 
@@ -71,10 +71,6 @@ class TurnPolicy:
 
 def now_ms() -> float:
     return time.monotonic() * 1000.0
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class DeltaLogWriter:
