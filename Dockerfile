@@ -17,9 +17,11 @@ USER rapport
 # README* may be absent; the glob keeps the COPY valid either way.
 COPY --chown=rapport:rapport pyproject.toml Makefile README* ./
 COPY --chown=rapport:rapport scripts ./scripts
+COPY --chown=rapport:rapport protocol ./protocol
 COPY --chown=rapport:rapport server ./server
 COPY --chown=rapport:rapport sessions ./sessions
 COPY --chown=rapport:rapport clients ./clients
+COPY --chown=rapport:rapport rapport ./rapport
 
 # The same Makefile steps `make run` takes before it starts the server (run ->
 # model -> vllm -> install): the virtualenv and the package. RAPPORT_SKIP_VLLM=1

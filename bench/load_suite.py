@@ -3,7 +3,7 @@ thousands of users, on one machine, against ONE gateway process running the
 SIMULATED engine (a timing simulation of a continuously batching engine, not a
 model; ``--sim-ttft-ms 40 --sim-itl-ms 20``, GPU-like speed).
 
-Every scenario starts its own gateway (``python -m server.cli serve --engine
+Every scenario starts its own gateway (``python -m rapport.cli serve --engine
 simulated --auth dev ...``, per-user limits raised far out of the way:
 ``--turns-per-minute 1000000 --max-connections-per-user 100000``), drives it
 from worker processes (uvloop + ``websockets``, one event loop each), prints its
@@ -848,7 +848,7 @@ def free_port() -> int:
 
 
 class Gateway:
-    """One ``server.cli serve`` child process (its own session, killed with its group)."""
+    """One ``rapport.cli serve`` child process (its own session, killed with its group)."""
 
     def __init__(self, name: str, flags: list[str], *, redis_url: str, log_dir: str,
                  log_level: str = "warning") -> None:
@@ -857,7 +857,7 @@ class Gateway:
         self.prefix = f"{SUITE}:{uuid.uuid4().hex[:8]}:"
         self.redis_url = redis_url
         self.log_path = os.path.join(log_dir, f"gateway-{name}-{self.port}.log")
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "simulated", "--auth", "dev",
+        self.cmd = [sys.executable, "-m", "rapport.cli", "serve", "--engine", "simulated", "--auth", "dev",
                     "--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url,
                     "--redis-prefix", self.prefix, "--log-level", log_level, *flags]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -877,7 +877,7 @@ class Gateway:
         return self.proc.pid
 
     def start(self, timeout: float = 60.0) -> Gateway:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the child's whole life
+        self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

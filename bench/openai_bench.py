@@ -58,7 +58,7 @@ def main() -> int:
     prefix = f"rapport-bench:{uuid.uuid4().hex[:8]}:"
     secret = "bench-" + uuid.uuid4().hex
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--engine", "simulated", "--port", str(port),
+        [sys.executable, "-m", "rapport.cli", "serve", "--engine", "simulated", "--port", str(port),
          "--redis-prefix", prefix, "--jwt-secret", secret, "--turns-per-minute", "1000000",
          "--max-connections-per-user", "100000", "--log-level", "warning", *args.server_arg],
         cwd=ROOT, start_new_session=True)

@@ -73,7 +73,7 @@ class Gateway:
         self.port = free_port()
         self.log_path = os.path.join(log_dir, f"gateway-{self.port}.log")
         self.cmd = [
-            sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
+            sys.executable, "-m", "rapport.cli", "serve", "--port", str(self.port),
             "--redis-url", args.redis_url, "--redis-prefix", prefix, "--auth", "dev",
             "--engine", "simulated", "--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
             "--sim-reply-tokens", "1000", "--turns-per-minute", "1000000",
@@ -86,7 +86,7 @@ class Gateway:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self) -> None:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the process runs
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -3,7 +3,7 @@
 The same model with the same settings is served two ways, one after the other
 (never both at once, so they do not compete for the cores):
 
-* **rapport**: ``python -m server.cli serve --engine vllm`` (vLLM's AsyncLLM
+* **rapport**: ``python -m rapport.cli serve --engine vllm`` (vLLM's AsyncLLM
   inside the gateway process, engine core in a child process), driven over
   the WebSocket protocol: one socket per simulated user, ``turn.start`` per
   turn; Rapport keeps the conversation in Redis and builds the prompt window.
@@ -15,7 +15,7 @@ The same model with the same settings is served two ways, one after the other
   history so far and the new user message, same temperature (0) and
   ``max_tokens``.
 
-Both clients are lean (``websockets`` + ``server.codec``; ``httpx`` with a
+Both clients are lean (``websockets`` + ``protocol.codec``; ``httpx`` with a
 small SSE reader), run in this one process on one event loop, and measure on
 the client's clock:
 
@@ -91,9 +91,9 @@ if str(ROOT) not in sys.path:  # runnable as `python bench/vllm_compare.py` from
 import httpx
 
 from clients.bench import percentile
-from server.codec import JSON_SUBPROTOCOL, Codec
+from protocol.codec import JSON_SUBPROTOCOL, Codec
 from server.config import DEFAULT_SYSTEM_PROMPT, Settings
-from server.engines.base import ChatMessage
+from sessions.messages import ChatMessage
 from sessions.prompt import PastTurn, build_window, render
 
 REDIS_URL = os.environ.get("RAPPORT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -248,7 +248,7 @@ class ManagedServer:
 
 def rapport_server(args: argparse.Namespace, log_dir: Path, prefix: str) -> ManagedServer:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--engine", "vllm", "--auth", "dev",
+    cmd = [sys.executable, "-m", "rapport.cli", "serve", "--engine", "vllm", "--auth", "dev",
            "--host", "127.0.0.1", "--port", str(port), "--redis-url", args.redis_url,
            "--redis-prefix", prefix, "--default-temperature", "0", "--ttft-budget-ms", "600000",
            "--hard-deadline-ms", "600000", "--turns-per-minute", "100000",

@@ -8,7 +8,7 @@ with think time between turns::
 
 Users are split over ``--processes`` worker processes; each runs one uvloop
 event loop and a lean protocol loop (``websockets`` plus the server's own
-:class:`server.codec.Codec`, nothing else) so the client is not the bottleneck.
+:class:`protocol.codec.Codec`, nothing else) so the client is not the bottleneck.
 ``--idle N`` also opens N connections that only answer pings (the
 many-idle-connections measurement).
 
@@ -53,7 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec
 
 __all__ = ["add_bench_arguments", "bench_command", "main", "percentile", "percentiles", "summarize"]
 
@@ -362,7 +362,7 @@ class Worker:
                     self.stats.counts["connect_failures"] += 1
                     self.stats.error("unauthorized")
                     return None
-            except (OSError, TimeoutError, asyncio.TimeoutError, Exception):  # noqa: BLE001
+            except (OSError, TimeoutError, Exception):  # noqa: BLE001
                 pass
             self.stats.counts["connect_failures"] += 1
             if attempt < 5:
@@ -947,7 +947,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError("choose one of --token, --jwt-secret and --dev-users")
     secret = args.jwt_secret
     if not (args.token or args.dev_users or secret):
-        from server.config import DEV_JWT_SECRET
+        from protocol.development import DEV_JWT_SECRET
 
         secret = os.environ.get("RAPPORT_JWT_SECRET") or DEV_JWT_SECRET
     prefix = args.user_prefix if args.user_prefix is not None else f"bench-{uuid.uuid4().hex[:6]}-"

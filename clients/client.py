@@ -42,8 +42,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from server.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
-from server.errors import BadRequest, RapportError
+from protocol import close_codes
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
+from protocol.errors import BadRequest, RapportError
 
 __all__ = [
     "JSON_SUBPROTOCOL",
@@ -66,10 +67,6 @@ CLIENT_VERSION = "0.1.0"
 DEFAULT_MAX_SIZE = 4 * 2**20  # history pages can be large; the server limits what *we* send.
 DEFAULT_CONVERSATION = "default"
 
-CLOSE_ABNORMAL = 1006
-CLOSE_POLICY = 1008
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_TOO_MANY_CONNECTIONS = 4429
 
 _UNROUTED_LIMIT = 1000  # frames nobody asked for are kept, bounded, for recv_frame()
 
@@ -134,7 +131,7 @@ class ConnectionLost(ClientError):
     @staticmethod
     def from_close(close_code: int | None, reason: str = "") -> ConnectionLost:
         detail = f"{close_code}" + (f" {reason}" if reason else "")
-        if close_code == CLOSE_UNAUTHORIZED:
+        if close_code == close_codes.UNAUTHORIZED:
             return AuthenticationError(f"server refused the credentials (close {detail}); a new token is needed",
                                        close_code=close_code, reason=reason)
         return ConnectionLost(f"connection closed ({detail})", close_code=close_code, reason=reason)
@@ -421,7 +418,7 @@ class RapportConnection:
             async with asyncio.timeout(open_timeout):
                 ready = await cls._await_ready(ws, codec)
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else CLOSE_ABNORMAL
+            code = exc.rcvd.code if exc.rcvd is not None else close_codes.ABNORMAL
             raise ConnectionLost.from_close(code, exc.rcvd.reason if exc.rcvd else "") from None
         except TimeoutError:
             await ws.close()
@@ -568,7 +565,7 @@ class RapportConnection:
         if self._closed_event.is_set():
             return
         if self._close_code is None:
-            self._close_code = self._ws.close_code or CLOSE_ABNORMAL
+            self._close_code = self._ws.close_code or close_codes.ABNORMAL
             self._close_reason = self._ws.close_reason or ""
         exc = self._failure or ConnectionLost.from_close(self._close_code, self._close_reason)
         self._lost = exc
@@ -600,7 +597,7 @@ class RapportConnection:
         try:
             await self._ws.send(data)
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else CLOSE_ABNORMAL
+            code = exc.rcvd.code if exc.rcvd is not None else close_codes.ABNORMAL
             raise ConnectionLost.from_close(code, exc.rcvd.reason if exc.rcvd else "") from None
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
@@ -1025,10 +1022,10 @@ class ResilientClient:
                     self._notify()
                 await conn.close()
             code = conn.close_code
-            if code == CLOSE_UNAUTHORIZED:
+            if code == close_codes.UNAUTHORIZED:
                 self._fail(ConnectionLost.from_close(code, conn.close_reason))
                 return
-            if code in (CLOSE_TOO_MANY_CONNECTIONS, CLOSE_POLICY):
+            if code in (close_codes.TOO_MANY_CONNECTIONS, close_codes.POLICY):
                 attempt = max(attempt, 3)  # the server pushed back: wait longer (up to 4 s window)
             log.info("connection lost (close %s); reconnecting", code)
             self._set_state("reconnecting")

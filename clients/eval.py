@@ -729,7 +729,7 @@ class EvalConfig:
             return self.token, None
         secret = self.jwt_secret
         if not secret:
-            from server.config import DEV_JWT_SECRET
+            from protocol.development import DEV_JWT_SECRET
 
             secret = os.environ.get("RAPPORT_JWT_SECRET") or DEV_JWT_SECRET
         return mint_token(user, secret), None

@@ -3,7 +3,7 @@ would miss its first-token budget (protocol guarantee 6).
 
 :meth:`AdmissionController.check` runs on every ``turn.start`` and never awaits.
 It predicts the time to first token of a turn submitted now and raises
-:class:`server.errors.Busy` (with ``retry_after_ms``) when the prediction,
+:class:`protocol.errors.Busy` (with ``retry_after_ms``) when the prediction,
 plus the gateway's own overhead, is over the budget.
 
 Prediction
@@ -64,8 +64,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from protocol.errors import Busy
+
 from .engines.base import Engine, EngineLoad
-from .errors import Busy
 
 __all__ = ["AdmissionController", "Prediction"]
 

@@ -11,9 +11,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from . import openai_api, page, rest
 from .config import Settings
 from .engines.base import Engine
-from . import openai_api, page, rest
 from .gateway import websocket_endpoint
 from .runtime import Runtime
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from .errors import Unauthorized
+from protocol.errors import Unauthorized
 
 MAX_USER_ID_CHARS = 128
 

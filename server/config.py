@@ -11,15 +11,15 @@ import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 
-from .errors import RapportError
+# DEV_JWT_SECRET is used only when no secret is configured and the server
+# listens on loopback, so that `make run` works out of the box.
+from protocol.development import DEV_JWT_SECRET
+from protocol.errors import RapportError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a warm, attentive companion. Keep replies short and natural, "
     "remember what the user told you, and ask a caring follow-up question."
 )
-# Used only when no secret is configured and the server listens on loopback,
-# so that `make run` works out of the box; any other host requires a secret.
-DEV_JWT_SECRET = "rapport-development-secret-change-me"
 
 
 class ConfigError(RapportError):

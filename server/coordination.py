@@ -36,11 +36,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from protocol import frames
+from protocol.errors import RapportError, Unavailable
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore, LogDelta, TurnRecord, redis_guarded
-
-from . import frames
-from .errors import RapportError, Unavailable
 
 log = logging.getLogger("rapport.coordination")
 

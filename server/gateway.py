@@ -23,10 +23,11 @@ from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from . import frames
+from protocol import close_codes, frames
+from protocol.codec import Codec, choose_subprotocol, codec_for
+from protocol.errors import BadRequest, RapportError, Unauthorized, Unavailable
+
 from .auth import bearer_token
-from .codec import Codec, choose_subprotocol, codec_for
-from .errors import BadRequest, RapportError, Unauthorized, Unavailable
 from .outbox import Outbox, OutboxOverflow
 
 if TYPE_CHECKING:
@@ -34,14 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rapport.gateway")
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_HEARTBEAT_TIMEOUT = 4408
-CLOSE_TOO_MANY_CONNECTIONS = 4429
 
 
 def origin_allowed(origin: str | None, host: str | None, allowlist: list[str]) -> bool:
@@ -87,7 +80,7 @@ class Connection:
             # A socket that stays stuck is closed; its turns stay resumable.
             log.info("session %s: client stopped reading; closing it", self.session_id)
             self.runtime.metrics.slow_consumer_closed()
-            self._request_close(CLOSE_POLICY)
+            self._request_close(close_codes.POLICY)
         self._wakeup.set()
 
     # ------------------------------------------------------------ lifecycle
@@ -131,7 +124,7 @@ class Connection:
         returning from the endpoint lets the server close the transport, and
         everything this connection held is released now.
         """
-        self._close_code = CLOSE_POLICY
+        self._close_code = close_codes.POLICY
         self._stuck = True
         for task in self._tasks:
             task.cancel()
@@ -169,7 +162,7 @@ class Connection:
         if size > limit:
             # The server's WebSocket layer enforces this too (RFC 6455 7.4.1, 1009);
             # this check covers layers that do not.
-            self._request_close(CLOSE_TOO_BIG)
+            self._request_close(close_codes.TOO_BIG)
             return None
         try:
             return frames.parse_client_frame(self.codec.decode(data),
@@ -201,12 +194,12 @@ class Connection:
                             header_token=header_token, hello_token=frame.token, hello_user=frame.user)
                     except Unauthorized as exc:
                         self.push(frames.error_from(exc))
-                        await self._flush_then_close(CLOSE_UNAUTHORIZED, exc.message)
+                        await self._flush_then_close(close_codes.UNAUTHORIZED, exc.message)
                         return False
                     break
         except TimeoutError:
             self.push(frames.error("unauthorized", "no valid hello within the time allowed"))
-            await self._flush_then_close(CLOSE_UNAUTHORIZED, "hello timeout")
+            await self._flush_then_close(close_codes.UNAUTHORIZED, "hello timeout")
             return False
         refusal = await self.runtime.connection_opened(self)
         if refusal is not None:
@@ -341,7 +334,7 @@ class Connection:
             self._beating = False
             self.runtime.metrics.heartbeat_timeout()
             log.info("session %s: silent for %.1fs; closing 4408", self.session_id, now - self._last_rx)
-            self._request_close(CLOSE_HEARTBEAT_TIMEOUT)
+            self._request_close(close_codes.HEARTBEAT_TIMEOUT)
             return
         stalled = self.outbox.stalled_since
         if stalled is not None and now - stalled > s.stuck_timeout_ms / 1000.0:
@@ -359,7 +352,7 @@ class Connection:
 
     async def close_going_away(self) -> None:
         """Server shutdown: tell the client to reconnect, possibly elsewhere (1001)."""
-        self._request_close(CLOSE_GOING_AWAY)
+        self._request_close(close_codes.GOING_AWAY)
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -367,7 +360,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     s = runtime.settings
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), s.allowed_origins):
         # Closing before accept makes the server answer the handshake with 403.
-        await ws.close(code=CLOSE_POLICY)
+        await ws.close(code=close_codes.POLICY)
         return
     subprotocol = choose_subprotocol(list(ws.scope.get("subprotocols") or []))
     await ws.accept(subprotocol=subprotocol)

@@ -23,7 +23,7 @@ Every key lives under the user's hash tag (:meth:`sessions.keys.KeySpace.user_ke
 so the scripts run on Redis Cluster and ``delete_user`` removes the keys too.
 Scripts read the time from Redis (``TIME``), so the gateway hosts' clocks need
 not agree. When Redis cannot be reached both raise
-:class:`server.errors.Unavailable`.
+:class:`protocol.errors.Unavailable`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from protocol.errors import RapportError, RateLimited, Unavailable
 from sessions.keys import KeySpace
 from sessions.store import redis_guarded
-
-from .errors import RapportError, RateLimited, Unavailable
 
 log = logging.getLogger("rapport.limits")
 
@@ -265,7 +264,7 @@ class ConnectionRegistry:
                 await self.refresh(pairs())
             except Unavailable as exc:
                 log.warning("could not refresh connection entries: %s", exc)
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad round
+            except Exception:
                 log.exception("refreshing connection entries failed")
 
     async def close(self, pairs: Iterable[tuple[str, str]] = ()) -> None:

@@ -83,9 +83,9 @@ class Metrics:
         if prompt:
             self.prompt_tokens.inc(prompt)
             self.cached_prompt_tokens.inc(usage.get("cached_prompt_tokens", 0))
-            seen = self.prompt_tokens._value.get()  # noqa: SLF001 - the counter's own total
+            seen = self.prompt_tokens._value.get()
             if seen:
-                self.prefix_cache_hit_share.set(self.cached_prompt_tokens._value.get() / seen)  # noqa: SLF001
+                self.prefix_cache_hit_share.set(self.cached_prompt_tokens._value.get() / seen)
 
     def delta_gap(self, seconds: float) -> None:
         self.gap.observe(seconds)

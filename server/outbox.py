@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import Any
 
-from .errors import RapportError
+from protocol.errors import RapportError
 
 
 class OutboxOverflow(RapportError):

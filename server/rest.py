@@ -32,9 +32,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from protocol.errors import HTTP_STATUS, BadRequest, NotFound, RapportError, Unauthorized, Unavailable
+from protocol.frames import MAX_ID_CHARS
+
 from .auth import bearer_token
-from .errors import HTTP_STATUS, BadRequest, NotFound, RapportError, Unauthorized, Unavailable
-from .frames import MAX_ID_CHARS
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -12,10 +12,11 @@ import gc
 import logging
 import shlex
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
+from protocol import close_codes
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 
@@ -26,10 +27,21 @@ from .engines.base import Engine
 from .metrics import Metrics
 from .turns import TurnManager, TurnPolicy
 
-if TYPE_CHECKING:
-    from .gateway import Connection
-
 log = logging.getLogger("rapport")
+
+
+class Peer(Protocol):
+    """What the runtime needs of an open connection (``server.gateway.Connection``).
+
+    Named here so the runtime does not import the gateway that imports it.
+    """
+
+    user_id: str
+    session_id: str
+
+    def beat(self, now: float) -> None: ...
+
+    async def close_going_away(self) -> None: ...
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -121,7 +133,7 @@ class Runtime:
             live_turns=self.manager.live_turns, on_control=self.manager.on_control,
         )
         self.manager.coordinator = self.coordinator
-        self.connections: set[Connection] = set()
+        self.connections: set[Peer] = set()
         self._engine_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # Per-user limits across processes (server.limits) and admission control.
@@ -134,7 +146,7 @@ class Runtime:
                                              reply_tokens=settings.default_max_tokens)
         self.manager.reply_observer = self.admission.observe_reply
         # Connections this process counts in the registry: connection -> user id.
-        self._registered: dict[Connection, str] = {}
+        self._registered: dict[Peer, str] = {}
 
     async def start(self) -> None:
         # The engine warms up in the background: /healthz answers at once and
@@ -206,28 +218,27 @@ class Runtime:
 
     # ------------------------------------------------------------ hooks for limits
 
-    async def connection_opened(self, conn: Connection) -> int | None:
+    async def connection_opened(self, conn: Peer) -> int | None:
         """Admit an authenticated connection; a close code refuses it.
 
         Over the per-user cap (counted across every process sharing Redis):
         4429. When Redis cannot be reached the connection is admitted untracked
         rather than refused; the periodic refresh records it once Redis is back.
         """
-        from .errors import Unavailable
-        from .gateway import CLOSE_TOO_MANY_CONNECTIONS
+        from protocol.errors import Unavailable
 
         try:
             if not await self.conn_registry.add(conn.user_id, conn.session_id):
                 log.info("user %s is over %d connections; closing 4429", conn.user_id,
                          self.conn_registry.cap)
-                return CLOSE_TOO_MANY_CONNECTIONS
+                return close_codes.TOO_MANY_CONNECTIONS
         except Unavailable as exc:
             log.warning("connection cap not checked (Redis unavailable): %s", exc)
         self._registered[conn] = conn.user_id
         self.metrics.connections.inc()
         return None
 
-    async def connection_closed(self, conn: Connection) -> None:
+    async def connection_closed(self, conn: Peer) -> None:
         user_id = self._registered.pop(conn, None)
         if user_id is None:
             return  # refused with 4429: never counted
@@ -250,7 +261,7 @@ class Runtime:
         given, a re-sent turn.start of an id the user already used (a replay,
         no new generation) passes without counting against either limit.
         """
-        from .errors import Busy, RateLimited, Unavailable
+        from protocol.errors import Busy, RateLimited, Unavailable
 
         if not self.engine.ready:
             raise Unavailable("the model is still warming up; retry shortly", retry_after_ms=1000)

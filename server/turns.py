@@ -28,15 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from protocol import frames
+from protocol.errors import EngineError, NotFound, RapportError, ResumeExpired, TurnInProgress, Unavailable
+from sessions.messages import ChatMessage
 from sessions.prompt import build_window, pair_history
 from sessions.store import ConversationStore, LogDelta, LogEnd, TurnRecord
 from sessions.turn import ENGINE_FINISH_REASONS, Attachment, Ending, Turn, Usage
 
-from . import frames
-from .engines.base import ChatMessage, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
 from .coordination import Coordinator, end_orphaned_turn, wall_ms
+from .engines.base import Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
 from .metrics import Metrics
-from .errors import EngineError, NotFound, RapportError, ResumeExpired, TurnInProgress, Unavailable
 
 log = logging.getLogger("rapport.turns")
 
@@ -330,7 +331,7 @@ class TurnManager:
         except EngineError as exc:
             log.warning("turn %s: engine failed: %s", turn.turn_id, exc)
             ending = turn.engine_failed(now_ms(), self._partial_usage(live))
-        except Exception:  # noqa: BLE001 - a bug in one turn must not lock its conversation forever
+        except Exception:
             log.exception("turn %s: unexpected error", turn.turn_id)
             ending = turn.internal_error(now_ms(), self._partial_usage(live))
         await self._finish(live, ending)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from server.engines.base import ChatMessage
-from server.errors import TooLarge
+from protocol.errors import TooLarge
+from sessions.messages import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ expects together with the value it expects; the script re-checks that value and
 answers ``retry`` with the current values when they changed in between.
 
 Every connection-level failure (refused, timed out, loading, cluster down,
-read-only replica after a failover) is raised as :class:`server.errors.Unavailable`.
+read-only replica after a failover) is raised as :class:`protocol.errors.Unavailable`.
 
 Blocking reads (:meth:`ConversationStore.follow_log`) hold a connection for up
 to ``block_ms``: give the store a dedicated ``blocking_redis`` client (its own
@@ -30,7 +30,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from server.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
+from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
 from sessions.keys import KeySpace
 
 __all__ = [

@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from server.errors import IllegalTransition
+from protocol.errors import IllegalTransition
 
 
 class TurnState(enum.Enum):

@@ -49,8 +49,8 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
+    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "rapport.cli", "serve", "--port", str(self.port),
                "--redis-url", self.redis_url, "--redis-prefix", self.prefix,
                "--jwt-secret", JWT_SECRET, "--log-level", "warning", *self.extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}

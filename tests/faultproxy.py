@@ -132,7 +132,7 @@ class FaultProxy:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
-    async def __aenter__(self) -> FaultProxy:  # noqa: PYI034
+    async def __aenter__(self) -> FaultProxy:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -368,7 +368,7 @@ class BackgroundFaultProxy:
         self._thread.join(10)
         self._loop.close()
 
-    def __enter__(self) -> BackgroundFaultProxy:  # noqa: PYI034
+    def __enter__(self) -> BackgroundFaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

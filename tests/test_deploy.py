@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.cli import build_parser
+from rapport.cli import build_parser
 from server.config import Settings, env_name, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,3 +253,12 @@ def test_the_image_is_a_slim_python_311_running_rapport_serve_as_non_root():
     order = [instr for instr, _ in instrs]
     make_at = next(i for i, (instr, args) in enumerate(instrs) if instr == "RUN" and make_invocations(args))
     assert "USER" in order[:make_at]
+
+
+def test_the_image_copies_every_top_level_package_the_install_names():
+    """A package missing from the image fails only at `docker build`, which CI cannot run."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {args.split()[-1].rstrip("/").removeprefix("./") for instr, args in dockerfile() if instr == "COPY"}
+    assert {p.split(".")[0] for p in packages} <= copied

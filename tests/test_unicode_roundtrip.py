@@ -22,7 +22,7 @@ from conftest import SIM_FLAGS, ServerProcess, clean_prefix, make_token
 from websockets.asyncio.client import connect
 
 from clients.client import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, RapportConnection
-from server.codec import Codec
+from protocol.codec import Codec
 
 ECHOED = {
     "chinese": "我和阿杰分手了，三年的感情就这样结束了。你说我该怎么办？",

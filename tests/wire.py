@@ -9,10 +9,9 @@ import uuid
 
 import msgpack
 import pytest
+from conftest import ServerProcess
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-
-from conftest import ServerProcess
 
 JSON = "rapport.v1.json"
 MSGPACK = "rapport.v1.msgpack"

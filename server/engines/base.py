@@ -16,11 +16,7 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    role: str  # "system", "user" or "assistant"
-    content: str
+from sessions.messages import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +100,7 @@ class Engine(abc.ABC):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Stream the reply: deltas, then exactly one :class:`EngineFinish`.
 
-        Raises :class:`server.errors.EngineError` if the engine fails mid-way.
+        Raises :class:`protocol.errors.EngineError` if the engine fails mid-way.
         """
 
     @abc.abstractmethod

@@ -38,7 +38,7 @@ back once it recovers. Adding or losing a replica only moves that replica's
 users. If the chosen replica fails *before any text was produced* (connection
 refused, 5xx), the request moves on to the next replica in the user's order
 without the caller noticing; after text was produced the turn fails with
-:class:`server.errors.EngineError` (the turn manager ends it ``interrupted``
+:class:`protocol.errors.EngineError` (the turn manager ends it ``interrupted``
 and keeps the partial reply).
 
 Streams and aborts
@@ -75,8 +75,8 @@ from typing import Any
 
 import httpx
 
+from protocol.errors import EngineError, Unavailable
 from server.engines.base import (
-    ChatMessage,
     Engine,
     EngineDelta,
     EngineEvent,
@@ -85,7 +85,7 @@ from server.engines.base import (
     EngineRequest,
     SamplingOptions,
 )
-from server.errors import EngineError, Unavailable
+from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ Abort semantics: when a request is aborted (:meth:`SimulatedEngine.abort`, or
 the consumer closes / cancels the generator) it leaves the waiting queue or the
 running batch at once, and its generator returns **without** an
 :class:`EngineFinish`. :meth:`SimulatedEngine.close` instead fails in-flight
-requests with :class:`server.errors.EngineError`.
+requests with :class:`protocol.errors.EngineError`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 
+from protocol.errors import EngineError, TooLarge
 from server.engines.base import (
-    ChatMessage,
     Engine,
     EngineDelta,
     EngineEvent,
@@ -55,7 +55,7 @@ from server.engines.base import (
     EngineRequest,
     SamplingOptions,
 )
-from server.errors import EngineError, TooLarge
+from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import EngineError, RapportError, TooLarge, Unavailable
 from server.engines.base import (
-    ChatMessage,
     Engine,
     EngineDelta,
     EngineEvent,
@@ -45,7 +45,7 @@ from server.engines.base import (
     EngineRequest,
     SamplingOptions,
 )
-from server.errors import EngineError, RapportError, TooLarge, Unavailable
+from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
 

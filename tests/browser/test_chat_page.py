@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-
 from conftest import ROOT, ServerProcess, clean_prefix, make_token
 from wire import open_ws, recv_until, send
 
@@ -247,7 +246,7 @@ class SocketCutter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refuse_until = 0.0
 
-    async def start(self) -> "SocketCutter":
+    async def start(self) -> SocketCutter:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

@@ -13,9 +13,9 @@ import sys
 import uuid
 
 import pytest
+from conftest import JWT_SECRET, ROOT
 
 from clients.bench import normalize_url, percentile, percentiles, summarize
-from conftest import JWT_SECRET, ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

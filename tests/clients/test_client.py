@@ -33,7 +33,7 @@ from clients.client import (
     ServerError,
     backoff_delay,
 )
-from server.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec, codec_for
 
 DELTAS = ["Hel", "lo", ", ", "wör", "ld", " 🙂", "!"]
 FULL = "".join(DELTAS)

@@ -41,6 +41,7 @@ vllm = pytest.importorskip(
 
 from conftest import REDIS_URL, ServerProcess, clean_prefix, free_port
 
+from protocol.errors import EngineError
 from server.engines.base import (
     ChatMessage,
     EngineDelta,
@@ -54,7 +55,6 @@ from server.engines.remote import (
     parse_vllm_load,
     rendezvous_order,
 )
-from server.errors import EngineError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -168,7 +168,7 @@ def _model_folder() -> str:
     env = os.environ.get("RAPPORT_VLLM_MODEL")
     if env:
         return env
-    from server.errors import RapportError
+    from protocol.errors import RapportError
     from server.model_prep import prepare_default_model
 
     try:

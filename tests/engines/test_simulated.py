@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from protocol.errors import EngineError, TooLarge
 from server.engines.base import (
     ChatMessage,
     EngineDelta,
@@ -17,7 +18,6 @@ from server.engines.base import (
     SamplingOptions,
 )
 from server.engines.simulated import SimulatedEngine, tokenize
-from server.errors import EngineError, TooLarge
 
 _ids = itertools.count()
 

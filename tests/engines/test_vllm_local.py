@@ -103,7 +103,7 @@ def _model_folder() -> str:
     env = os.environ.get("RAPPORT_VLLM_MODEL")
     if env:
         return env
-    from server.errors import RapportError
+    from protocol.errors import RapportError
     from server.model_prep import prepare_default_model
 
     try:

@@ -14,14 +14,14 @@ import uuid
 
 import httpx
 import pytest
-
 from conftest import ServerProcess, clean_prefix
-from server.admission import AdmissionController
-from server.engines.base import ChatMessage, Engine, EngineLoad, EngineRequest, SamplingOptions
-from server.engines.simulated import SimulatedEngine
-from server.errors import Busy
 from wire import open_ws, recv, send
 
+from protocol.errors import Busy
+from server.admission import AdmissionController
+from server.engines.base import Engine, EngineLoad, EngineRequest, SamplingOptions
+from server.engines.simulated import SimulatedEngine
+from sessions.messages import ChatMessage
 
 # ---------------------------------------------------------------- unit tests
 

@@ -10,8 +10,8 @@ from typing import Any
 import jwt
 import pytest
 
+from protocol.errors import Unauthorized
 from server.auth import MAX_USER_ID_CHARS, Authenticator, bearer_token, check_user_id
-from server.errors import Unauthorized
 
 # 64 bytes: long enough for HS512, so PyJWT never warns about key length.
 SECRET = "k" * 64

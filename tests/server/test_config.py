@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from protocol.errors import RapportError
 from server.config import (
     DEV_JWT_SECRET,
     ConfigError,
@@ -16,7 +17,6 @@ from server.config import (
     is_loopback,
     settings_from,
 )
-from server.errors import RapportError
 
 SECRET = "s" * 48
 

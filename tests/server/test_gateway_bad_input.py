@@ -12,12 +12,10 @@ import uuid
 
 import msgpack
 import pytest
+from conftest import make_token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from conftest import make_token
-from wire import (JSON, MSGPACK, assert_contiguous, expect_close,
-                  expect_error, open_ws, recv, send, stream_turn)
+from wire import JSON, MSGPACK, assert_contiguous, expect_close, expect_error, open_ws, recv, send, stream_turn
 
 BAD_JSON_FRAMES = [
     ("{not json", "bad_request"),

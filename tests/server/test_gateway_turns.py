@@ -7,11 +7,10 @@ import asyncio
 import uuid
 
 import pytest
+from wire import JSON, MSGPACK, assert_contiguous, expect_error, open_ws, recv, recv_until, send, stream_turn
 
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
-from wire import (JSON, MSGPACK, assert_contiguous, expect_error, open_ws, recv, recv_until, send,
-                  stream_turn)
 
 
 @pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
@@ -203,8 +202,9 @@ async def test_users_are_isolated(sim_server, sim_server_b):
         await b.close()
 
     # Bob's ready frame never lists Alice's running turn.
-    from websockets.asyncio.client import connect
     import json
+
+    from websockets.asyncio.client import connect
 
     raw = await connect(sim_server.ws_url, subprotocols=[JSON])
     await raw.send(json.dumps({"type": "hello", "user": bob}))
@@ -226,8 +226,9 @@ async def test_ready_lists_active_turns_and_history_pages(sim_server):
                    "options": {"max_tokens": 1000}})
     accepted = await recv(a)
     await recv(a)
-    from websockets.asyncio.client import connect
     import json
+
+    from websockets.asyncio.client import connect
 
     raw = await connect(sim_server.ws_url, subprotocols=[JSON])
     await raw.send(json.dumps({"type": "hello", "user": user}))

@@ -11,14 +11,13 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-
 from conftest import SIM_FLAGS, ServerProcess, clean_prefix
-from server.errors import RateLimited, Unavailable
+from wire import expect_close, expect_error, open_ws, recv, recv_until, send
+
+from protocol.errors import RateLimited, Unavailable
 from server.limits import ConnectionRegistry, TurnRateLimiter
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
-from wire import expect_close, expect_error, open_ws, recv, recv_until, send
-
 
 # ---------------------------------------------------------------- unit tests
 

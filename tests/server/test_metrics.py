@@ -6,7 +6,6 @@ import uuid
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-
 from wire import open_ws, send, stream_turn
 
 EXPECTED = {

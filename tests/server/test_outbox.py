@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from server.errors import RapportError
+from protocol.errors import RapportError
 from server.outbox import Outbox, OutboxOverflow
 
 

@@ -12,11 +12,11 @@ import uuid
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
-
 from conftest import ServerProcess, clean_prefix
-from server.outbox import Outbox
+from websockets.asyncio.client import connect
 from wire import JSON, open_ws, recv_until, send
+
+from server.outbox import Outbox
 
 
 def delta(turn: str, seq: int, text: str) -> dict:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import ServerProcess, clean_prefix
 from wire import assert_contiguous, expect_error, open_ws, recv, recv_until, send, stream_turn
 

@@ -6,7 +6,6 @@ import fnmatch
 import itertools
 import re
 
-
 import pytest
 
 # The project is not installed in the venv and pytest's config sets no

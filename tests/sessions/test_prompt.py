@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from server.engines.base import ChatMessage
-from server.errors import TooLarge
+from protocol.errors import TooLarge
+from sessions.messages import ChatMessage
 from sessions.prompt import PastTurn, build_window, first_kept_turn, pair_history, render
 
 

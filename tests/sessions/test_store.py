@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
+from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
 from sessions.keys import KeySpace, glob_escape
 from sessions.store import (
     BeginOutcome,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from server.errors import IllegalTransition, RapportError
+from protocol.errors import IllegalTransition, RapportError
 from sessions.turn import (
     ALL_FINISH_REASONS,
     ENGINE_FINISH_REASONS,

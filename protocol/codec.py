@@ -2,7 +2,7 @@
 
 ``rapport.v1.json`` carries UTF-8 JSON in text frames; ``rapport.v1.msgpack``
 carries MessagePack in binary frames. Both decode to the same plain ``dict``
-that :mod:`server.frames` validates, and both encode the same ``dict``.
+that :mod:`protocol.frames` validates, and both encode the same ``dict``.
 A frame of the wrong kind for the negotiated subprotocol is a ``bad_request``,
 not a silent conversion, so that client bugs surface early.
 """

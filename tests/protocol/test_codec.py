@@ -1,4 +1,4 @@
-"""The codec for both subprotocols (server/codec.py, protocol.md "Transport")."""
+"""The codec for both subprotocols (protocol/codec.py, protocol.md "Transport")."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from server import frames
-from server.codec import (
+from protocol import frames
+from protocol.codec import (
     JSON_SUBPROTOCOL,
     MSGPACK_SUBPROTOCOL,
     SUBPROTOCOLS,
@@ -17,7 +17,7 @@ from server.codec import (
     choose_subprotocol,
     codec_for,
 )
-from server.errors import BadRequest, RapportError
+from protocol.errors import BadRequest, RapportError
 
 JSON = Codec(JSON_SUBPROTOCOL)
 MSGPACK = Codec(MSGPACK_SUBPROTOCOL)

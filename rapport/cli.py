@@ -6,18 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, add_arguments, settings_from
+from server.config import ConfigError, add_arguments, settings_from
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serving import serve
+    from server.serving import serve
 
     serve(settings_from(args))
     return 0
 
 
 def _token(args: argparse.Namespace) -> int:
-    from .auth import Authenticator
+    from server.auth import Authenticator
 
     settings = settings_from(args)
     auth = Authenticator(secret=settings.jwt_secret, algorithm=settings.jwt_algorithm)
@@ -26,7 +26,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    from .model_prep import prepare_default_model
+    from server.model_prep import prepare_default_model
 
     print(prepare_default_model())
     return 0

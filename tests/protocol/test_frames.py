@@ -1,4 +1,4 @@
-"""Client frame validation and server frame shapes (server/frames.py, protocol.md)."""
+"""Client frame validation and server frame shapes (protocol/frames.py, protocol.md)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from server import frames
-from server.errors import BadRequest, TooLarge
-from server.frames import (
+from protocol import frames
+from protocol.errors import BadRequest, TooLarge
+from protocol.frames import (
     ClientInfo,
     Hello,
     HistoryClear,
