@@ -1,4 +1,4 @@
-"""Interactive terminal chat over :class:`clients.client.ResilientClient`.
+"""Interactive terminal chat over :class:`clients.resilient.ResilientClient`.
 
     python -m clients.chat --user alice            # development mode
     RAPPORT_TOKEN=... python -m clients.chat --url wss://host/v1/ws
@@ -18,14 +18,10 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from .client import (
-    JSON_SUBPROTOCOL,
-    MSGPACK_SUBPROTOCOL,
-    AuthenticationError,
-    ClientError,
-    ResilientClient,
-    ServerError,
-)
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
+
+from .errors import AuthenticationError, ClientError, ServerError
+from .resilient import ResilientClient
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/ws"
 COMMANDS = "/history  /clear  /quit   (Ctrl-C cancels a reply)"

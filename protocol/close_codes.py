@@ -10,6 +10,7 @@ from __future__ import annotations
 
 NORMAL = 1000
 GOING_AWAY = 1001          # server shutdown: reconnect, possibly elsewhere
+PROTOCOL_ERROR = 1002      # a client gives up on a server that broke the contract
 ABNORMAL = 1006            # never sent: what a peer reports when the TCP connection died
 INVALID_PAYLOAD = 1007     # invalid UTF-8 in a text frame (RFC 6455 section 8.1)
 POLICY = 1008              # origin refused, or a socket that stopped reading

@@ -1,8 +1,8 @@
 """``rapport bench``: the load generator against a real simulated-engine server.
 
 Runs the module as a user would (a subprocess, spawning its worker processes)
-and checks the table, the JSON figures and the plot; the statistics helpers are
-unit-tested directly.
+and checks the table, the JSON figures and the plot; its helpers are unit-tested
+directly (the statistics in test_percentiles.py).
 """
 
 from __future__ import annotations
@@ -15,41 +15,12 @@ import uuid
 import pytest
 from conftest import JWT_SECRET, ROOT
 
-from clients.bench import normalize_url, percentile, percentiles, summarize
+from clients.bench import normalize_url
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-# ---------------------------------------------------------------- statistics
-
-
-def test_percentile_interpolates_between_closest_ranks():
-    assert percentile([], 50) is None
-    assert percentile([7.0], 0) == percentile([7.0], 99) == 7.0
-    assert percentile([1, 2, 3, 4], 50) == 2.5
-    assert percentile([4, 1, 3, 2], 0) == 1
-    assert percentile([4, 1, 3, 2], 100) == 4
-    values = list(range(1, 101))
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 95) == pytest.approx(95.05)
-    assert percentile(values, 99) == pytest.approx(99.01)
-    assert percentile([10, 20], 25) == pytest.approx(12.5)
-
-
-def test_percentile_rejects_a_bad_q():
-    with pytest.raises(ValueError):
-        percentile([1, 2], 101)
-    with pytest.raises(ValueError):
-        percentile([1, 2], -1)
-
-
-def test_percentiles_and_summary():
-    assert percentiles([3, 1, 2]) == {"p50": 2.0, "p95": pytest.approx(2.9), "p99": pytest.approx(2.98)}
-    s = summarize([5, 1, 3])
-    assert s == {"count": 3, "min": 1.0, "mean": 3.0, "p50": 3.0, "p95": pytest.approx(4.8),
-                 "p99": pytest.approx(4.96), "max": 5.0}
-    empty = summarize([])
-    assert empty["count"] == 0 and empty["p50"] is None and empty["max"] is None
+# ---------------------------------------------------------------- helpers
 
 
 def test_urls_are_normalized():

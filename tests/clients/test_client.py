@@ -1,4 +1,5 @@
-"""Tests for clients/client.py (and a smoke test of clients/chat.py).
+"""Tests for the reference client (clients/connection.py, clients/resilient.py, clients/turn_stream.py,
+imported through clients/client.py as apps do) and a smoke test of clients/chat.py.
 
 There is no Rapport server to test against here, so each test starts a small
 SCRIPTED server (``websockets.asyncio.server.serve`` on 127.0.0.1, port 0,

@@ -1,4 +1,4 @@
-"""``rapport eval`` (clients/eval.py): scoring on hand-made replies, summaries and
+"""``rapport eval`` (clients/eval*.py): scoring on hand-made replies, summaries and
 rendering, scenario loading and validation, and the harness end to end against
 real server processes with the simulated engine.
 
@@ -189,7 +189,7 @@ def test_render_table_puts_targets_side_by_side():
     assert "1" in row["budget misses (TTFT > 2000 ms)"]
     # The second column starts at the same terminal column on every row
     # (Chinese characters are two columns wide).
-    from clients.eval import _width
+    from clients.eval_summary import _width
 
     starts = {_width(line[: line.index(cell)]) for line, cell in
               [(lines[0], "模型乙"), (row["model"], "模型乙"), (row["url"], "ws://b")]}
@@ -466,3 +466,57 @@ def test_table_of_summaries_matches_to_dict():
     assert d["context_accuracy"] == 1.0 and d["turn_ms"] == {"p50": 300.0, "p95": 300.0}
     assert [t["passed"] for t in d["thresholds"]] == [True, True, True] and d["passed"] is True
     json.dumps(d)  # serialisable as it is
+
+
+# ---------------------------------------------------------------- retries (a scripted server)
+
+
+class BusyFirst:
+    """Answers the first ``busy`` turn.start frames with busy, then echoes the user's text."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.starts: list[dict[str, Any]] = []
+
+    async def handler(self, ws) -> None:
+        from protocol.codec import codec_for
+
+        codec = codec_for(ws.subprotocol)
+        async for raw in ws:
+            frame = codec.decode(raw)
+            if frame["type"] == "hello":
+                await ws.send(codec.encode({"type": "ready", "model": "scripted", "active_turns": []}))
+            elif frame["type"] == "turn.start":
+                self.starts.append(frame)
+                ctid = frame["client_turn_id"]
+                if self.busy:
+                    self.busy -= 1
+                    await ws.send(codec.encode({"type": "error", "code": "busy", "message": "full",
+                                                "client_turn_id": ctid, "retry_after_ms": 10}))
+                    continue
+                tid = f"t{len(self.starts)}"
+                await ws.send(codec.encode({"type": "turn.accepted", "turn_id": tid, "client_turn_id": ctid,
+                                            "conversation_id": frame["conversation_id"], "replayed": False}))
+                await ws.send(codec.encode({"type": "turn.delta", "turn_id": tid, "seq": 1, "text": frame["text"]}))
+                await ws.send(codec.encode({"type": "turn.end", "turn_id": tid, "seq": 1, "finish_reason": "stop",
+                                            "text": frame["text"], "usage": {}, "timings": {}}))
+
+
+@pytest.mark.parametrize(("busy", "max_retries", "retries", "error"), [(2, 30, 2, None), (5, 1, 1, "busy")])
+async def test_busy_answers_are_retried_up_to_max_retries(busy, max_retries, retries, error):
+    from websockets.asyncio.server import serve
+
+    from clients.eval import EvalConfig, TargetSpec, run_eval
+
+    script = BusyFirst(busy)
+    scenario = parse_scenario({"name": "one", "turns": [{"user": "hello there"}]})
+    async with serve(script.handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/ws"
+        report = await run_eval(EvalConfig(targets=[TargetSpec(url)], scenarios=[scenario], dev_users=True,
+                                           max_retries=max_retries))
+    [result] = report.runs[0].results
+    assert result.retries == retries and result.retry_codes == ["busy"] * retries
+    assert (result.error or "").split(":")[0] == (error or "")
+    if error is None:
+        assert result.completed and result.reply == "hello there"
+    assert len({s["client_turn_id"] for s in script.starts}) == len(script.starts) == retries + 1
