@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install vllm model browser clean
+.PHONY: run test lint install vllm model browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,13 @@ run: model
 browser: install
 	bash scripts/install-browser.sh $(VENV)
 
-test: model browser
+# The linter and the type checker (configured in pyproject.toml; strict on the
+# pure cores). They run before the suite: a red check stops `make test`.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: model browser lint
 	bash scripts/with-redis.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

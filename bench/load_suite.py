@@ -6,8 +6,8 @@ model; ``--sim-ttft-ms 40 --sim-itl-ms 20``, GPU-like speed).
 Every scenario starts its own gateway (``python -m rapport.cli serve --engine
 simulated --auth dev ...``, per-user limits raised far out of the way:
 ``--turns-per-minute 1000000 --max-connections-per-user 100000``), drives it
-from worker processes (uvloop + ``websockets``, one event loop each), prints its
-figures, and stops everything it started. Scenarios run one after the other in
+from worker processes (uvloop + :class:`clients.driver.Driver`, one event loop
+each), prints its figures, and stops everything it started. Scenarios run one after the other in
 one invocation; ``--only NAME`` runs some of them, ``--quick`` is a small smoke
 run (numbers from it mean nothing), ``--json PATH`` writes every figure.
 
@@ -116,7 +116,7 @@ Scenarios
 Server CPU is the gateway process's utime+stime (/proc/PID/stat) over the
 measured window, in % of one core; client CPU likewise for the worker
 processes. Percentiles are NumPy's default (linear) definition
-(:func:`clients.bench.percentile`).
+(:func:`clients.percentiles.percentile`).
 """
 
 from __future__ import annotations
@@ -137,14 +137,11 @@ import resource
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import termios
 import time
 import traceback
-import urllib.error
-import urllib.request
 import uuid
 from array import array
 from collections import Counter
@@ -152,14 +149,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Runnable as `python bench/load_suite.py` from a checkout: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clients.bench import PROMPTS, summarize  # after the path fix
+import redis
+
+from clients.bench import PROMPTS
+from clients.driver import Driver
+from clients.errors import ClientError, ConnectionLost
+from clients.percentiles import summarize
+from protocol import client_frames
+from testkit.metrics import scrape
+from testkit.redis_prefix import clean_prefix
+from testkit.servers import ServerProcess
 
 SUITE = "rapport-load-suite"
-JSON_SUBPROTOCOL = "rapport.v1.json"
 SCENARIOS = ("streaming", "idle", "overload", "stuck")
 
 # The simulated engine's timing for every scenario (GPU-like speed).
@@ -258,47 +262,43 @@ def _opt(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
-def _pong(frame: dict[str, Any]) -> str:
-    pong: dict[str, Any] = {"type": "pong"}
-    if "t" in frame:
-        pong["t"] = frame["t"]
-    return json.dumps(pong)
+async def answer_ping(driver: Driver, frame: dict[str, Any], rec: Recorder | None = None) -> None:
+    await driver.send(client_frames.pong(frame.get("t")))
+    if rec is not None:
+        rec.counts["pings_answered"] += 1
 
 
-async def open_ws(url: str, user: str, *, coalesce: bool = False, sock: socket.socket | None = None,
-                  max_queue: int = 16, timeout: float = 60.0, rec: Recorder | None = None) -> Any:
+async def open_driver(url: str, user: str, *, coalesce: bool = False, sock: socket.socket | None = None,
+                      max_queue: int = 16, timeout: float = 60.0, rec: Recorder | None = None) -> Driver:
     """Connect, hello, wait for ready; the open connection.
 
     An ``error`` frame before ``ready`` is counted (``hello_error_<code>``), not
     fatal: the gateway answers e.g. ``unavailable`` when it cannot list the
     user's active turns and still sends ``ready``; a refusal closes the socket.
+    That is why the hello is sent here rather than by ``Driver.open``.
     """
-    from websockets.asyncio.client import connect
-
-    kwargs: dict[str, Any] = {}
-    if sock is not None:
-        kwargs["sock"] = sock
-    ws = await connect(url, subprotocols=[JSON_SUBPROTOCOL], compression=None, max_size=None,
-                       ping_interval=None, open_timeout=timeout, close_timeout=2, max_queue=max_queue,
-                       user_agent_header=SUITE, proxy=None, **kwargs)
-    hello: dict[str, Any] = {"type": "hello", "user": user, "client": {"name": SUITE, "version": "1"}}
-    if coalesce:
-        hello["coalesce"] = True
+    kwargs: dict[str, Any] = {"sock": sock} if sock is not None else {}
+    driver = await Driver.open(url, hello=False, compression=None, open_timeout=timeout, close_timeout=2,
+                               max_queue=max_queue, user_agent_header=SUITE, proxy=None, **kwargs)
     try:
-        await ws.send(json.dumps(hello))
-        async with asyncio.timeout(timeout):
-            while True:
-                frame = json.loads(await ws.recv())
-                if frame.get("type") == "ready":
-                    return ws
-                if frame.get("type") == "error" and rec is not None:
-                    rec.counts[f"hello_error_{frame.get('code')}"] += 1
+        await driver.send(client_frames.hello(user=user, client={"name": SUITE, "version": "1"},
+                                              coalesce=True if coalesce else None))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frame = await driver.recv(timeout=None)
+                    if frame["type"] == "ready":
+                        return driver
+                    if frame["type"] == "error" and rec is not None:
+                        rec.counts[f"hello_error_{frame.get('code')}"] += 1
+        except TimeoutError as exc:
+            raise ConnectionLost(f"no 'ready' within {timeout} s") from exc
     except BaseException:
-        ws.transport.abort()
+        driver.abort()
         raise
 
 
-async def idle_for(ws: Any, seconds: float, rec: Recorder) -> None:
+async def idle_for(driver: Driver, seconds: float, rec: Recorder) -> None:
     """Read for ``seconds``, answering pings (think time, waits before a retry)."""
     deadline = _now() + seconds
     while True:
@@ -306,28 +306,25 @@ async def idle_for(ws: Any, seconds: float, rec: Recorder) -> None:
         if left <= 0:
             return
         try:
-            async with asyncio.timeout(left):
-                data = await ws.recv()
+            frame = await driver.recv(timeout=left)
         except TimeoutError:
             return
-        frame = json.loads(data)
-        if frame.get("type") == "ping":
-            await ws.send(_pong(frame))
-            rec.counts["pings_answered"] += 1
+        if frame["type"] == "ping":
+            await answer_ping(driver, frame, rec)
 
 
-async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng: random.Random,
+async def run_turn(driver: Driver, rec: Recorder, t0: float, *, conversation: str, rng: random.Random,
                    retry: bool, max_retries: int = 30, timeout_s: float = 60.0) -> str:
     """One turn from turn.start to turn.end; 'ok', 'refused' or 'error'.
 
     Records one row of per-turn columns for a completed turn, and the latency
     of every refusal (``busy`` / ``rate_limited``) in ``refusal_ms``. With
     ``retry`` a refusal is retried after its ``retry_after_ms`` (x 1..1.25).
-    Raises TimeoutError (no end in ``timeout_s``) and ConnectionClosed.
+    Raises TimeoutError (no end in ``timeout_s``) and ConnectionLost.
     """
     ctid = "ls" + uuid.uuid4().hex
-    start = json.dumps({"type": "turn.start", "client_turn_id": ctid, "conversation_id": conversation,
-                        "text": PROMPTS[rng.randrange(len(PROMPTS))]})
+    start = client_frames.turn_start(PROMPTS[rng.randrange(len(PROMPTS))], client_turn_id=ctid,
+                                     conversation_id=conversation)
     first_attempt: float | None = None
     retries = 0
     gap_col, gap_t = rec.col("gap"), rec.col("gap_t")
@@ -335,7 +332,7 @@ async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng:
         sent = _now()
         if first_attempt is None:
             first_attempt = sent
-        await ws.send(start)
+        await driver.send(start)
         turn_id: str | None = None
         last_seq = 0
         received = 0
@@ -348,11 +345,9 @@ async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng:
             left = deadline - _now()
             if left <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(left):
-                data = await ws.recv()
+            frame = await driver.recv(timeout=left)
             now = _now()
-            frame = json.loads(data)
-            kind = frame.get("type")
+            kind = frame["type"]
             if kind == "turn.delta":
                 if turn_id is None or frame.get("turn_id") != turn_id:
                     continue
@@ -394,8 +389,7 @@ async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng:
                 rec.counts["retries"] += retries
                 return "ok"
             elif kind == "ping":
-                await ws.send(_pong(frame))
-                rec.counts["pings_answered"] += 1
+                await answer_ping(driver, frame, rec)
             elif kind == "error":
                 if frame.get("client_turn_id") not in (None, ctid):
                     continue
@@ -415,7 +409,7 @@ async def run_turn(ws: Any, rec: Recorder, t0: float, *, conversation: str, rng:
                 msg = re.sub(r"[0-9]+", "N", str(frame.get("message", "")))[:90]
                 rec.counts[f"error_message: {code}: {msg}"] += 1
                 return "error"
-        await idle_for(ws, retry_after * rng.uniform(1.0, 1.25), rec)
+        await idle_for(driver, retry_after * rng.uniform(1.0, 1.25), rec)
 
 
 async def wait_event(evt: Any, timeout: float | None = None) -> bool:
@@ -437,19 +431,24 @@ async def lag_monitor(rec: Recorder, period: float = 0.05) -> None:
         col.append((_now() - t - period) * 1000.0)
 
 
-async def open_many(url: str, users: list[str], rec: Recorder, gate: int = 64) -> dict[str, Any]:
+def count_connect_error(rec: Recorder, exc: ClientError) -> None:
+    rec.counts["connect_retries"] += 1
+    # The driver wraps what went wrong (refused, timed out, handshake rejected): count the cause.
+    rec.counts[f"connect_error_{type(exc.__cause__ or exc).__name__}"] += 1
+
+
+async def open_many(url: str, users: list[str], rec: Recorder, gate: int = 64) -> dict[str, Driver]:
     sem = asyncio.Semaphore(gate)
-    conns: dict[str, Any] = {}
+    conns: dict[str, Driver] = {}
 
     async def one(user: str) -> None:
         async with sem:
             for attempt in range(3):
                 try:
-                    conns[user] = await open_ws(url, user, rec=rec)
+                    conns[user] = await open_driver(url, user, rec=rec)
                     return
-                except Exception as exc:  # noqa: BLE001 - counted
-                    rec.counts["connect_retries"] += 1
-                    rec.counts[f"connect_error_{type(exc).__name__}"] += 1
+                except ClientError as exc:
+                    count_connect_error(rec, exc)
                     await asyncio.sleep(0.2 * (attempt + 1))
             rec.counts["connect_failed"] += 1
 
@@ -457,25 +456,23 @@ async def open_many(url: str, users: list[str], rec: Recorder, gate: int = 64) -
     return conns
 
 
-async def close_many(conns: Iterable[Any], gate: int = 200) -> None:
+async def close_many(conns: Iterable[Driver], gate: int = 200) -> None:
     sem = asyncio.Semaphore(gate)
 
-    async def one(ws: Any) -> None:
+    async def one(driver: Driver) -> None:
         async with sem:
             try:
-                await asyncio.wait_for(ws.close(), 3.0)
-            except Exception:  # noqa: BLE001 - closing is best effort
-                ws.transport.abort()
+                await asyncio.wait_for(driver.close(), 3.0)
+            except (TimeoutError, OSError):  # closing is best effort: drop the ones that do not answer
+                driver.abort()
 
-    await asyncio.gather(*(one(ws) for ws in conns))
+    await asyncio.gather(*(one(d) for d in conns))
 
 
 # ---------------------------------------------------------------- chat users
 
 async def w_chat(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any, t0v: Any) -> dict[str, Any]:
     """Users in closed loop: ``turns`` turns each (or until ``duration_s``), think time between."""
-    from websockets.exceptions import ConnectionClosed
-
     rec = Recorder()
     conns = await open_many(p["url"], p["users"], rec)
     rec.counts["connected"] = len(conns)
@@ -488,28 +485,28 @@ async def w_chat(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any,
     def past_stop() -> bool:
         return stop_at is not None and _now() >= stop_at
 
-    async def user(name: str, ws: Any) -> None:
+    async def user(name: str, driver: Driver) -> None:
         rng = random.Random(f"{p['seed']}:{name}")
         try:
-            await idle_for(ws, max(0.0, t0 + rng.uniform(0.0, p["ramp_s"]) - _now()), rec)
+            await idle_for(driver, max(0.0, t0 + rng.uniform(0.0, p["ramp_s"]) - _now()), rec)
             k = 0
             while (not p["turns"] or k < p["turns"]) and not past_stop():
                 if k > 0 and p["think_ms"] > 0:
-                    await idle_for(ws, rng.uniform(0.5, 1.5) * p["think_ms"] / 1000.0, rec)
+                    await idle_for(driver, rng.uniform(0.5, 1.5) * p["think_ms"] / 1000.0, rec)
                     if past_stop():
                         break
                 rec.counts["turns_started"] += 1
-                outcome = await run_turn(ws, rec, t0, conversation=p["conversation"], rng=rng, retry=True,
+                outcome = await run_turn(driver, rec, t0, conversation=p["conversation"], rng=rng, retry=True,
                                          timeout_s=p.get("turn_timeout_s", 60.0))
                 rec.counts[f"turns_{outcome}"] += 1
                 k += 1
         except TimeoutError:
             rec.counts["turn_timeouts"] += 1
-            ws.transport.abort()
-        except ConnectionClosed:
+            driver.abort()
+        except ConnectionLost:
             rec.counts["connections_lost"] += 1
 
-    await asyncio.gather(*(user(n, ws) for n, ws in conns.items()))
+    await asyncio.gather(*(user(n, d) for n, d in conns.items()))
     lag.cancel()
     cpu = _self_cpu_s()
     await close_many(conns.values())
@@ -520,28 +517,24 @@ async def w_chat(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any,
 
 async def w_idle(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any, t0v: Any) -> dict[str, Any]:
     """Open connections that only answer pings until ``stop``."""
-    from websockets.exceptions import ConnectionClosed
-
     rec = Recorder()
-    conns: list[Any] = []
+    conns: list[Driver] = []
     holders: list[asyncio.Task[None]] = []
     closing = False
     loop = asyncio.get_running_loop()
 
-    async def hold(ws: Any) -> None:
+    async def hold(driver: Driver) -> None:
         try:
             while True:
-                frame = json.loads(await ws.recv())
-                if frame.get("type") == "ping":
-                    await ws.send(_pong(frame))
-                    rec.counts["pings_answered"] += 1
+                frame = await driver.recv(timeout=None)
+                if frame["type"] == "ping":
+                    await answer_ping(driver, frame, rec)
                 else:
                     rec.counts["other_frames"] += 1
-        except ConnectionClosed as exc:
+        except ConnectionLost as exc:
             if not closing:
                 rec.counts["lost"] += 1
-                code = exc.rcvd.code if exc.rcvd else "none"
-                rec.counts[f"lost_code_{code}"] += 1
+                rec.counts[f"lost_code_{exc.close_code}"] += 1
 
     sem = asyncio.Semaphore(p.get("gate", 100))
     t_open = _now()
@@ -550,14 +543,13 @@ async def w_idle(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any,
         async with sem:
             for attempt in range(3):
                 try:
-                    ws = await open_ws(p["url"], user, rec=rec)
-                except Exception as exc:  # noqa: BLE001 - counted
-                    rec.counts["connect_retries"] += 1
-                    rec.counts[f"connect_error_{type(exc).__name__}"] += 1
+                    driver = await open_driver(p["url"], user, rec=rec)
+                except ClientError as exc:
+                    count_connect_error(rec, exc)
                     await asyncio.sleep(0.5 * (attempt + 1))
                     continue
-                conns.append(ws)
-                holders.append(loop.create_task(hold(ws)))
+                conns.append(driver)
+                holders.append(loop.create_task(hold(driver)))
                 return
             rec.counts["connect_failed"] += 1
 
@@ -584,8 +576,6 @@ async def w_overload(p: dict[str, Any], index: int, report: Any, go: Any, stop: 
     """Poisson arrivals of new conversations at ``rate``/s for ``duration_s``; refusals not retried."""
     from collections import deque
 
-    from websockets.exceptions import ConnectionClosed
-
     rec = Recorder()
     conns = await open_many(p["url"], p["users"], rec)
     pool = deque(conns.values())
@@ -597,21 +587,21 @@ async def w_overload(p: dict[str, Any], index: int, report: Any, go: Any, stop: 
     rng = random.Random(f"{p['seed']}:{index}")
     tasks: set[asyncio.Task[None]] = set()
 
-    async def turn(ws: Any, n: int) -> None:
+    async def turn(driver: Driver, n: int) -> None:
         keep = True
         try:
-            outcome = await run_turn(ws, rec, t0, conversation=f"o{index}-{n}", rng=rng, retry=False,
+            outcome = await run_turn(driver, rec, t0, conversation=f"o{index}-{n}", rng=rng, retry=False,
                                      timeout_s=30.0)
             rec.counts[f"turns_{outcome}"] += 1
         except TimeoutError:
             rec.counts["turn_timeouts"] += 1
-            ws.transport.abort()
+            driver.abort()
             keep = False
-        except ConnectionClosed:
+        except ConnectionLost:
             rec.counts["connections_lost"] += 1
             keep = False
         if keep:
-            pool.append(ws)
+            pool.append(driver)
 
     next_at = t0
     end = t0 + p["duration_s"]
@@ -669,7 +659,7 @@ async def w_extra(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any
     sock.connect((host, port))
     sock.setblocking(False)
     probe = socket.socket(fileno=os.dup(sock.fileno()))
-    ws = await open_ws(p["url"], p["user"], coalesce=True, sock=sock, max_queue=1 if stuck else 16)
+    driver = await open_driver(p["url"], p["user"], coalesce=True, sock=sock, max_queue=1 if stuck else 16)
     report.put(("ready", index, {"open": 1, "cpu_s": _self_cpu_s()}))
     await wait_event(go)
     t0 = t0v.value
@@ -678,8 +668,9 @@ async def w_extra(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any
                                                                                   socket.SO_RCVBUF)}
     sent_at = _now()
     for i in range(p["turns"]):
-        await ws.send(json.dumps({"type": "turn.start", "client_turn_id": f"x{i}-{uuid.uuid4().hex[:8]}",
-                                  "conversation_id": f"x{i}", "text": PROMPTS[i % len(PROMPTS)]}))
+        start = client_frames.turn_start(PROMPTS[i % len(PROMPTS)], client_turn_id=f"x{i}-{uuid.uuid4().hex[:8]}",
+                                         conversation_id=f"x{i}")
+        await driver.send(start)
         await asyncio.sleep(p["spread_s"] / p["turns"])
     out["sent_at_s"] = sent_at - t0
     out["sent_all_at_s"] = _now() - t0
@@ -689,8 +680,8 @@ async def w_extra(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, end - _now())):
                 while ends + refused < p["turns"]:
-                    frame = json.loads(await ws.recv())
-                    kind = frame.get("type")
+                    frame = await driver.recv(timeout=None)
+                    kind = frame["type"]
                     if kind == "turn.delta":
                         deltas += frame["seq"] - frame.get("seq_start", frame["seq"]) + 1
                     elif kind == "turn.end":
@@ -698,9 +689,9 @@ async def w_extra(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any
                     elif kind == "error":
                         refused += 1
                     elif kind == "ping":
-                        await ws.send(_pong(frame))
+                        await answer_ping(driver, frame)
         out.update(ends=ends, refused=refused, deltas=deltas, done_at_s=_now() - t0)
-        await close_many([ws])
+        await close_many([driver])
     else:
         states: list[tuple[float, str]] = []
         last = None
@@ -714,7 +705,7 @@ async def w_extra(p: dict[str, Any], index: int, report: Any, go: Any, stop: Any
                 last = state
             await asyncio.sleep(0.05)
         out.update(tcp_states=states, max_unread_bytes=max_unread, aborted_at_s=_now() - t0)
-        ws.transport.abort()
+        driver.abort()
     probe.close()
     return out
 
@@ -841,131 +832,27 @@ def merge(results: Iterable[dict[str, Any]]) -> tuple[dict[str, list[float]], Co
     return cols, counts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_gateway(name: str, flags: list[str], args: argparse.Namespace, log_dir: str,
+                  log_level: str = "warning") -> ServerProcess:
+    """One scenario's gateway: the simulated engine in development auth, on its own Redis key prefix."""
+    gw = ServerProcess(prefix=f"{SUITE}:{uuid.uuid4().hex[:8]}:", redis_url=args.redis_url,
+                       extra=["--engine", "simulated", "--auth", "dev", *flags], log_level=log_level,
+                       name=f"gateway-{name}", log_dir=log_dir)
+    return gw.start()
 
 
-class Gateway:
-    """One ``rapport.cli serve`` child process (its own session, killed with its group)."""
-
-    def __init__(self, name: str, flags: list[str], *, redis_url: str, log_dir: str,
-                 log_level: str = "warning") -> None:
-        self.name = name
-        self.port = free_port()
-        self.prefix = f"{SUITE}:{uuid.uuid4().hex[:8]}:"
-        self.redis_url = redis_url
-        self.log_path = os.path.join(log_dir, f"gateway-{name}-{self.port}.log")
-        self.cmd = [sys.executable, "-m", "rapport.cli", "serve", "--engine", "simulated", "--auth", "dev",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--redis-url", redis_url,
-                    "--redis-prefix", self.prefix, "--log-level", log_level, *flags]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._clk = os.sysconf("SC_CLK_TCK")
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> Gateway:
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = _now() + timeout
-        while _now() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}; see {self.log_path}")
-            with contextlib.suppress(OSError, urllib.error.URLError), \
-                    urllib.request.urlopen(self.base + "/readyz", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def rss_kb(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
-
-    def cpu_s(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._clk
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        try:
-            with urllib.request.urlopen(self.base + "/metrics", timeout=5.0) as resp:
-                body = resp.read().decode()
-        except (OSError, urllib.error.URLError):
-            return out
-        for line in body.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(value)
-        return out
-
-    def log_lines(self) -> list[str]:
-        try:
-            return Path(self.log_path).read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
-        clean_redis(self.redis_url, self.prefix)
-
-
-def clean_redis(url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(url)
+def stop_gateway(gw: ServerProcess) -> None:
+    gw.stop(timeout=30.0)
     try:
-        batch: list[bytes] = []
-        for key in r.scan_iter(match=prefix + "*", count=2000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                r.delete(*batch)
-                batch.clear()
-        if batch:
-            r.delete(*batch)
+        clean_prefix(gw.prefix, gw.redis_url)
     except redis.RedisError as exc:
-        print(f"  (could not clean Redis keys {prefix}*: {exc})")
-    finally:
-        r.close()
+        print(f"  (could not clean Redis keys {gw.prefix}*: {exc})")
 
 
 class Sampler:
     """Gateway RSS / CPU / fds (and optionally metrics) over time, relative to ``t0``."""
 
-    def __init__(self, gw: Gateway, *, metric_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, gw: ServerProcess, *, metric_names: tuple[str, ...] = ()) -> None:
         self.gw = gw
         self.t0 = _now()
         self.metric_names = metric_names
@@ -976,7 +863,7 @@ class Sampler:
                                  "fds": self.gw.fds(), "cpu_s": round(self.gw.cpu_s(), 2),
                                  "loadavg": loadavg()}
         if self.metric_names:
-            m = self.gw.metrics()
+            m = scrape(self.gw.base)
             for name in self.metric_names:
                 row[name] = m.get(name, 0.0)
         self.rows.append(row)
@@ -1058,7 +945,7 @@ def row(scenario: str, figure: str, goal: str, measured: str, met: bool | None) 
     return {"scenario": scenario, "figure": figure, "goal": goal, "measured": measured, "met": met}
 
 
-def window(gw: Gateway, t0: float, cpu0: float, la0: float) -> dict[str, Any]:
+def window(gw: ServerProcess, t0: float, cpu0: float, la0: float) -> dict[str, Any]:
     wall = _now() - t0
     return {"wall_s": round(wall, 2), "server_cpu_pct": round((gw.cpu_s() - cpu0) / wall * 100.0, 1),
             "loadavg_start": la0, "loadavg_end": loadavg()}
@@ -1077,12 +964,12 @@ def scenario_streaming(args: argparse.Namespace, log_dir: str) -> dict[str, Any]
     print(f"\n== streaming: {users} users x {turns} turns, think {think:g} ms, ramp {ramp:g} s, "
           f"{REPLY_TOKENS}-token replies, max_num_seqs 256, {procs} client processes", flush=True)
     la0 = wait_for_load(args, "streaming")
-    gw = Gateway("streaming", sim_flags(256), redis_url=args.redis_url, log_dir=log_dir).start()
+    gw = start_gateway("streaming", sim_flags(256), args, log_dir)
     workers: Workers | None = None
     try:
         tag = uuid.uuid4().hex[:6]
         names = [f"ls-{tag}-u{i}" for i in range(users)]
-        specs = [("chat", {"url": gw.url, "users": part, "turns": turns, "think_ms": think, "ramp_s": ramp,
+        specs = [("chat", {"url": gw.ws_url, "users": part, "turns": turns, "think_ms": think, "ramp_s": ramp,
                            "seed": args.seed, "conversation": "chat", "duration_s": None,
                            "turn_timeout_s": 60.0}) for part in split(names, procs)]
         t_conn = _now()
@@ -1103,17 +990,17 @@ def scenario_streaming(args: argparse.Namespace, log_dir: str) -> dict[str, Any]
             raise RuntimeError(f"streaming did not finish within {limit:.0f} s")
         cols, c = merge(workers.results.values())
         win["client_cpu_pct"] = round(workers.client_cpu_s() / win["wall_s"] * 100.0, 1)
-        final_metrics = gw.metrics()
+        final_metrics = scrape(gw.base)
     finally:
         if workers is not None:
             workers.close()
-        gw.stop()
+        stop_gateway(gw)
 
     ttft, s_ttft, s_queue = cols.get("ttft", []), cols.get("s_ttft", []), cols.get("s_queue", [])
     s_engine = cols.get("s_engine", [math.nan] * len(ttft))
-    overhead = [gateway_overhead(a, b, q, e) for a, b, q, e in zip(ttft, s_ttft, s_queue, s_engine)]
-    wire = [a - b for a, b in zip(ttft, s_ttft)]
-    engine = [e if not math.isnan(e) else b - q for b, q, e in zip(s_ttft, s_queue, s_engine)]
+    overhead = [gateway_overhead(a, b, q, e) for a, b, q, e in zip(ttft, s_ttft, s_queue, s_engine, strict=True)]
+    wire = [a - b for a, b in zip(ttft, s_ttft, strict=True)]
+    engine = [e if not math.isnan(e) else b - q for b, q, e in zip(s_ttft, s_queue, s_engine, strict=True)]
     completed = c["turns_ok"]
     planned = users * turns
     received = int(sum(cols.get("received", [])))
@@ -1196,13 +1083,13 @@ def scenario_idle(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
     la0 = wait_for_load(args, "idle")
     flags = [*sim_flags(256), "--heartbeat-interval-ms", str(beat_ms),
              "--heartbeat-timeout-ms", str(beat_ms * 3)]
-    gw = Gateway("idle", flags, redis_url=args.redis_url, log_dir=log_dir).start()
+    gw = start_gateway("idle", flags, args, log_dir)
     workers: Workers | None = None
     try:
         rss_ready = gw.rss_kb()
         tag = uuid.uuid4().hex[:6]
         # Warm-up: one-time allocations (code paths, Redis pool) do not belong to the per-connection cost.
-        warm = Workers([("idle", {"url": gw.url, "users": [f"ls-{tag}-warm{i}" for i in range(100)]})])
+        warm = Workers([("idle", {"url": gw.ws_url, "users": [f"ls-{tag}-warm{i}" for i in range(100)]})])
         try:
             warm.wait_ready(timeout=60)
             warm.start()
@@ -1215,7 +1102,7 @@ def scenario_idle(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
         names = [f"ls-{tag}-idle{i}" for i in range(n)]
         sampler = Sampler(gw)
         t_open = _now()
-        workers = Workers([("idle", {"url": gw.url, "users": part}) for part in split(names, procs)])
+        workers = Workers([("idle", {"url": gw.ws_url, "users": part}) for part in split(names, procs)])
         workers.wait_ready(timeout=300, tick=sampler, every=1.0)
         open_s = _now() - t_open
         opened = sum(r["open"] for r in workers.ready.values())
@@ -1232,7 +1119,7 @@ def scenario_idle(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
 
         workers.sleep(hold_s, tick=tick, every=1.0)
         rss_hold = gw.rss_kb()
-        m = gw.metrics()
+        m = scrape(gw.base)
         win = window(gw, t0, cpu0, la_go)
         win["loadavg_before_wait"] = la0
         fds_hold = gw.fds()
@@ -1246,7 +1133,7 @@ def scenario_idle(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
     finally:
         if workers is not None:
             workers.close()
-        gw.stop()
+        stop_gateway(gw)
 
     per_conn_kb = (rss_hold - rss_base) / opened if opened else math.nan
     expected_pings = opened * hold_s / (beat_ms / 1000.0)
@@ -1308,11 +1195,11 @@ def scenario_overload(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
           f"(saturated, every step admitting: {low:.1f}), offered {offered:.1f} turn.starts/s "
           f"(Poisson) for {duration:g} s, {procs} client processes x {pool} pooled connections", flush=True)
     la0 = wait_for_load(args, "overload")
-    gw = Gateway("overload", sim_flags(seqs), redis_url=args.redis_url, log_dir=log_dir).start()
+    gw = start_gateway("overload", sim_flags(seqs), args, log_dir)
     workers: Workers | None = None
     try:
         tag = uuid.uuid4().hex[:6]
-        specs = [("overload", {"url": gw.url, "users": [f"ls-{tag}-o{w}-{i}" for i in range(pool)],
+        specs = [("overload", {"url": gw.ws_url, "users": [f"ls-{tag}-o{w}-{i}" for i in range(pool)],
                                "rate": per_worker, "duration_s": duration, "seed": args.seed,
                                "drain_s": 30.0}) for w in range(procs)]
         workers = Workers(specs)
@@ -1326,11 +1213,11 @@ def scenario_overload(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
         win["loadavg_before_wait"] = la0
         win["client_cpu_pct"] = round(workers.client_cpu_s() / win["wall_s"] * 100.0, 1)
         cols, c = merge(workers.results.values())
-        m = gw.metrics()
+        m = scrape(gw.base)
     finally:
         if workers is not None:
             workers.close()
-        gw.stop()
+        stop_gateway(gw)
 
     ttft = cols.get("ttft", [])
     s_ttft = cols.get("s_ttft", [])
@@ -1365,7 +1252,7 @@ def scenario_overload(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
                        "busy answer latency": r, "inter-delta gap": stats(cols.get("gap", [])),
                        "client event-loop lag": stats(cols.get("loop_lag", []))},
         "refusals_over_50ms": over50,
-        "refusals_over_50ms_at_s": sorted(round(t, 2) for v, t in zip(refusal, cols.get("refusal_t", []))
+        "refusals_over_50ms_at_s": sorted(round(t, 2) for v, t in zip(refusal, cols.get("refusal_t", []), strict=True)
                                           if v > 50.0)[:20],
         "engine_waiting_max": max(waits, default=None),
         "server_metrics": {k: v for k, v in m.items()
@@ -1401,7 +1288,7 @@ def scenario_stuck(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
           f"never reads); --stuck-timeout-ms {stuck_ms}", flush=True)
     flags = [*sim_flags(256), "--stuck-timeout-ms", str(stuck_ms)]
     la_first = wait_for_load(args, "stuck")
-    gw = Gateway("stuck", flags, redis_url=args.redis_url, log_dir=log_dir, log_level="info").start()
+    gw = start_gateway("stuck", flags, args, log_dir, log_level="info")
     phases: dict[str, dict[str, Any]] = {}
     try:
         tag = uuid.uuid4().hex[:6]
@@ -1409,10 +1296,10 @@ def scenario_stuck(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
             la0 = la_first if phase == "control" else wait_for_load(args, "the stuck phase")
             names = [f"ls-{tag}-{phase}-u{i}" for i in range(users)]
             specs: list[tuple[str, dict[str, Any]]] = [
-                ("chat", {"url": gw.url, "users": part, "turns": 0, "think_ms": 500.0, "ramp_s": 1.0,
+                ("chat", {"url": gw.ws_url, "users": part, "turns": 0, "think_ms": 500.0, "ramp_s": 1.0,
                           "seed": args.seed, "conversation": "chat", "duration_s": phase_s,
                           "turn_timeout_s": 30.0}) for part in split(names, procs)]
-            specs.append(("extra", {"url": gw.url, "addr": ("127.0.0.1", gw.port), "mode": "reader"
+            specs.append(("extra", {"url": gw.ws_url, "addr": ("127.0.0.1", gw.port), "mode": "reader"
                                     if phase == "control" else "stuck", "user": f"ls-{tag}-{phase}-extra",
                                     "rcvbuf": 4096, "turns": k, "start_at_s": start_at, "phase_s": phase_s,
                                     "spread_s": 0.5}))
@@ -1439,9 +1326,9 @@ def scenario_stuck(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
                 workers.close()
             phases[phase] = {"t0": t0, "wall0": wall0, "window": win, "cols": cols, "counts": c, "extra": extra,
                              "series": sampler.rows}
-        log = gw.log_lines()
+        log = gw.log(chars=None).splitlines()
     finally:
-        gw.stop()
+        stop_gateway(gw)
 
     def close_events(ph: dict[str, Any]) -> list[dict[str, Any]]:
         events = []
@@ -1504,8 +1391,8 @@ def scenario_stuck(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
     # The others during the stuck window only (from the stuck client's silence to its close).
     if close_t is not None and silent_at is not None:
         sc = stuck_ph["cols"]
-        in_win = [v for v, t in zip(sc.get("ttft", []), sc.get("t_sent", [])) if silent_at <= t <= close_t]
-        gaps_win = [v for v, t in zip(sc.get("gap", []), sc.get("gap_t", [])) if silent_at <= t <= close_t]
+        in_win = [v for v, t in zip(sc.get("ttft", []), sc.get("t_sent", []), strict=True) if silent_at <= t <= close_t]
+        gaps_win = [v for v, t in zip(sc.get("gap", []), sc.get("gap_t", []), strict=True) if silent_at <= t <= close_t]
         cmp["stuck"]["during_stuck_window"] = {"TTFT": stats(in_win), "gap": stats(gaps_win)}
     out["phases"] = cmp
     print_block({ph: {k_: v for k_, v in d.items() if k_ != "series"} for ph, d in cmp.items()})

@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
+# Runnable as `python bench/openai_bench.py` from a checkout: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit.redis_prefix import clean_prefix
+from testkit.servers import ServerProcess
 
 
 def main() -> int:
@@ -54,30 +48,21 @@ def main() -> int:
     if not (tokenizer / "tokenizer.json").exists():
         print("the tokenizer comes from the prepared small model: run `make model` first", file=sys.stderr)
         return 2
-    port = free_port()
     prefix = f"rapport-bench:{uuid.uuid4().hex[:8]}:"
     secret = "bench-" + uuid.uuid4().hex
-    server = subprocess.Popen(
-        [sys.executable, "-m", "rapport.cli", "serve", "--engine", "simulated", "--port", str(port),
-         "--redis-prefix", prefix, "--jwt-secret", secret, "--turns-per-minute", "1000000",
-         "--max-connections-per-user", "100000", "--log-level", "warning", *args.server_arg],
-        cwd=ROOT, start_new_session=True)
+    server = ServerProcess(prefix=prefix, jwt_secret=secret, name="openai-bench", extra=[
+        "--engine", "simulated", "--turns-per-minute", "1000000", "--max-connections-per-user", "100000",
+        *args.server_arg])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("the gateway did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            print(f"the gateway did not become ready: {exc}", file=sys.stderr)
+            return 1
         from server.auth import Authenticator
 
         os.environ["OPENAI_API_KEY"] = Authenticator(secret=secret).issue("bench-user", ttl_s=3600)
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+        model = httpx.get(f"{server.base}/v1/models",
                           headers={"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}).json()
         model_name = model["data"][0]["id"]
 
@@ -88,7 +73,7 @@ def main() -> int:
         bench_parser = FlexibleArgumentParser()
         add_cli_args(bench_parser)
         bench_args = bench_parser.parse_args([
-            "--backend", "openai-chat", "--base-url", f"http://127.0.0.1:{port}",
+            "--backend", "openai-chat", "--base-url", server.base,
             "--endpoint", "/v1/chat/completions", "--model", model_name, "--tokenizer", str(tokenizer),
             "--dataset-name", "random", "--random-input-len", str(args.input_len),
             "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
@@ -97,18 +82,8 @@ def main() -> int:
         vllm_bench_main(bench_args)
         return 0
     finally:
-        with_timeout = 15
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(with_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        import redis
-
-        r = redis.Redis()
-        keys = list(r.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            r.delete(*keys)
+        server.stop()
+        clean_prefix(prefix)
 
 
 if __name__ == "__main__":

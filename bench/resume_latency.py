@@ -39,90 +39,23 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
-import redis
-from websockets.asyncio.client import connect
+# Runnable as `python bench/resume_latency.py` from a checkout: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Gateway:
-    def __init__(self, args: argparse.Namespace, prefix: str, log_dir: str) -> None:
-        self.port = free_port()
-        self.log_path = os.path.join(log_dir, f"gateway-{self.port}.log")
-        self.cmd = [
-            sys.executable, "-m", "rapport.cli", "serve", "--port", str(self.port),
-            "--redis-url", args.redis_url, "--redis-prefix", prefix, "--auth", "dev",
-            "--engine", "simulated", "--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms),
-            "--sim-reply-tokens", "1000", "--turns-per-minute", "1000000",
-            "--max-connections-per-user", "64", "--log-level", "warning",
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited; see {self.log_path}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not ready after {timeout} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-def clean_prefix(url: str, prefix: str) -> None:
-    r = redis.Redis.from_url(url)
-    try:
-        keys = list(r.scan_iter(match=prefix + "*", count=1000))
-        for i in range(0, len(keys), 500):
-            r.delete(*keys[i:i + 500])
-    finally:
-        r.close()
-
+from clients.driver import Driver
+from clients.percentiles import summarize
+from protocol import client_frames
+from testkit.servers import ServerProcess, gateways_sharing_prefix
 
 # ---------------------------------------------------------------- one drop
 
@@ -140,49 +73,45 @@ class Drop:
     engine_wait_ms: float  # estimated part of resume_ms spent waiting for the engine
 
 
-async def open_ready(url: str, user: str, marks: list[float] | None = None):
-    ws = await connect(url, subprotocols=["rapport.v1.json"], max_size=None, ping_interval=None,
-                       open_timeout=30)
-    if marks is not None:
-        marks.append(time.perf_counter())
-    await ws.send(json.dumps({"type": "hello", "user": user}))
-    while True:
-        frame = json.loads(await ws.recv())
-        if frame["type"] == "ready":
-            return ws
-        if frame["type"] == "error" and frame.get("code") == "unauthorized":
-            raise RuntimeError(frame)
+async def open_ready(url: str, user: str, marks: list[float] | None = None) -> Driver:
+    """A socket past hello/ready; ``marks`` gets the time the WebSocket upgrade completed."""
+    if marks is None:
+        return await Driver.open(url, user=user, open_timeout=30)
+    driver = await Driver.open(url, hello=False, open_timeout=30)
+    marks.append(time.perf_counter())
+    await driver.send(client_frames.hello(user=user))
+    await driver.recv_until("ready", timeout=30)
+    return driver
 
 
-async def next_of(ws, kinds: tuple[str, ...]) -> tuple[dict, float]:
+async def next_of(driver: Driver, kinds: tuple[str, ...]) -> tuple[dict, float]:
+    """The next frame of one of ``kinds`` and when it arrived; an ``error`` frame raises."""
     while True:
-        raw = await ws.recv()
+        frame = await driver.recv(timeout=None)
         t = time.perf_counter()
-        frame = json.loads(raw)
         if frame["type"] in kinds:
             return frame, t
         if frame["type"] == "error":
             raise RuntimeError(frame)
 
 
-async def one_drop(index: int, mode: str, gateways: list[Gateway], user: str, args: argparse.Namespace,
+async def one_drop(index: int, mode: str, gateways: list[ServerProcess], user: str, args: argparse.Namespace,
                    rng: random.Random) -> Drop:
     origin = index % 2
     cross = (index // 2) % 2 == 1
     target = 1 - origin if cross else origin
     k = rng.randint(args.min_seq, args.max_seq)
-    ws = await open_ready(gateways[origin].url, user)
-    await ws.send(json.dumps({"type": "turn.start", "client_turn_id": uuid.uuid4().hex,
-                              "text": f"drop {index}: tell me about your day",
-                              "options": {"max_tokens": args.max_seq + 20}}))
-    accepted, _ = await next_of(ws, ("turn.accepted",))
+    first = await open_ready(gateways[origin].ws_url, user)
+    await first.send(client_frames.turn_start(f"drop {index}: tell me about your day",
+                                              options={"max_tokens": args.max_seq + 20}))
+    accepted, _ = await next_of(first, ("turn.accepted",))
     turn_id = accepted["turn_id"]
     arrivals: list[float] = []
     while len(arrivals) < k:
-        delta, t = await next_of(ws, ("turn.delta",))
+        delta, t = await next_of(first, ("turn.delta",))
         assert delta["seq"] == len(arrivals) + 1, delta
         arrivals.append(t)
-    ws.transport.abort()  # the network drops: no close frame
+    first.abort()  # the network drops: no close frame
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     cadence = statistics.median(gaps) if gaps else args.itl_ms / 1000.0
     next_due = arrivals[-1] + cadence  # when delta k+1 would have arrived without the drop
@@ -191,16 +120,16 @@ async def one_drop(index: int, mode: str, gateways: list[Gateway], user: str, ar
 
     t_open = time.perf_counter()
     marks: list[float] = []
-    ws2 = await open_ready(gateways[target].url, user, marks)
+    again = await open_ready(gateways[target].ws_url, user, marks)
     t_resume = time.perf_counter()
-    await ws2.send(json.dumps({"type": "turn.resume", "turn_id": turn_id, "after_seq": k}))
-    first, t_first = await next_of(ws2, ("turn.delta", "turn.end"))
-    if first["type"] != "turn.delta" or first["seq"] != k + 1:
-        raise RuntimeError(f"resume after {k} answered {first}")
+    await again.send(client_frames.turn_resume(turn_id, k))
+    missing, t_first = await next_of(again, ("turn.delta", "turn.end"))
+    if missing["type"] != "turn.delta" or missing["seq"] != k + 1:
+        raise RuntimeError(f"resume after {k} answered {missing}")
     # Let the turn go: cancel it and wait for its end, so the conversation is free.
-    await ws2.send(json.dumps({"type": "turn.cancel", "turn_id": turn_id}))
-    await next_of(ws2, ("turn.end",))
-    await ws2.close()
+    await again.send(client_frames.turn_cancel(turn_id))
+    await next_of(again, ("turn.end",))
+    await again.close()
     wait = max(0.0, next_due - t_resume)
     return Drop(mode=mode, target="cross" if cross else "same", after_seq=k,
                 reconnect_ms=(t_first - t_open) * 1000.0, resume_ms=(t_first - t_resume) * 1000.0,
@@ -208,7 +137,7 @@ async def one_drop(index: int, mode: str, gateways: list[Gateway], user: str, ar
                 engine_wait=next_due > t_resume, engine_wait_ms=wait * 1000.0)
 
 
-async def run_mode(mode: str, gateways: list[Gateway], args: argparse.Namespace) -> list[Drop]:
+async def run_mode(mode: str, gateways: list[ServerProcess], args: argparse.Namespace) -> list[Drop]:
     rng = random.Random(args.seed)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(args.drops):
@@ -235,18 +164,6 @@ async def run_mode(mode: str, gateways: list[Gateway], args: argparse.Namespace)
 # ---------------------------------------------------------------- report
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(p / 100.0 * len(s)) - 1))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95), "p99": pct(values, 99),
-            "max": max(values) if values else math.nan}
-
-
 def report(drops: list[Drop], args: argparse.Namespace) -> dict:
     result: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "modes": {}}
     rows = []
@@ -259,13 +176,13 @@ def report(drops: list[Drop], args: argparse.Namespace) -> dict:
             waited = [d for d in ds if d.engine_wait]
             entry = {
                 "drops": len(ds),
-                "reconnect_ms": summary([d.reconnect_ms for d in ds]),
-                "resume_ms": summary([d.resume_ms for d in ds]),
-                "upgrade_ms": summary([d.upgrade_ms for d in ds]),
-                "hello_ready_ms": summary([d.hello_ms for d in ds]),
+                "reconnect_ms": summarize([d.reconnect_ms for d in ds]),
+                "resume_ms": summarize([d.resume_ms for d in ds]),
+                "upgrade_ms": summarize([d.upgrade_ms for d in ds]),
+                "hello_ready_ms": summarize([d.hello_ms for d in ds]),
                 "engine_wait_cases": len(waited),
                 "engine_wait_ms_mean": statistics.fmean([d.engine_wait_ms for d in waited]) if waited else 0.0,
-                "resume_ms_without_engine_wait": summary([d.resume_ms for d in ds if not d.engine_wait]),
+                "resume_ms_without_engine_wait": summarize([d.resume_ms for d in ds if not d.engine_wait]),
             }
             mode_out[target] = entry
             rows.append((mode, target, "reconnect→delta", entry["reconnect_ms"], len(waited)))
@@ -281,10 +198,14 @@ def report(drops: list[Drop], args: argparse.Namespace) -> dict:
     print(f"{'mode':8} {'process':8} {'measure':30} {'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"
           f" {'engine-wait':>11}")
     for mode, target, measure, s, waited in rows:
-        print(f"{mode:8} {target:8} {measure:30} {s['n']:5d} {s['p50']:8.2f} {s['p95']:8.2f} {s['p99']:8.2f}"
-              f" {s['max']:8.2f} {waited:11d}")
+        print(f"{mode:8} {target:8} {measure:30} {s['count']:5d} {_ms(s['p50'])} {_ms(s['p95'])} {_ms(s['p99'])}"
+              f" {_ms(s['max'])} {waited:11d}")
     print("(milliseconds; engine-wait: drops whose first missing delta was due after the resume was sent)")
     return result
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:8.2f}"
 
 
 # ---------------------------------------------------------------- main
@@ -307,42 +228,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def amain(args: argparse.Namespace) -> dict:
-    prefix = f"rapport-bench:{uuid.uuid4().hex[:8]}:"
-    log_dir = tempfile.mkdtemp(prefix="rapport-bench-")
-    gateways = [Gateway(args, prefix, log_dir) for _ in range(2)]
-    try:
-        for g in gateways:
-            g.start()
-        for g in gateways:
-            await asyncio.to_thread(g.wait_ready)
-        print(f"two gateways on ports {gateways[0].port} and {gateways[1].port} "
-              f"(simulated engine: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms); logs in {log_dir}",
-              file=sys.stderr)
-        modes = ["backlog", "live"] if args.mode == "both" else [args.mode]
-        drops: list[Drop] = []
-        for mode in modes:
-            started = time.monotonic()
-            drops += await run_mode(mode, gateways, args)
-            print(f"  {mode}: {args.drops} drops in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        result = report(drops, args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return result
-    finally:
-        for g in gateways:
-            g.stop()
-        clean_prefix(args.redis_url, prefix)
+SERVER_FLAGS = ["--auth", "dev", "--engine", "simulated", "--sim-reply-tokens", "1000",
+                "--turns-per-minute", "1000000", "--max-connections-per-user", "64"]
+
+
+async def measure(args: argparse.Namespace, gateways: list[ServerProcess]) -> dict[str, Any]:
+    modes = ["backlog", "live"] if args.mode == "both" else [args.mode]
+    drops: list[Drop] = []
+    for mode in modes:
+        started = time.monotonic()
+        drops += await run_mode(mode, gateways, args)
+        print(f"  {mode}: {args.drops} drops in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    result = report(drops, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        import uvloop  # the client side should add as little as it can to what is measured
-    except ImportError:
-        asyncio.run(amain(args))
-    else:
-        uvloop.run(amain(args))
+    flags = [*SERVER_FLAGS, "--sim-ttft-ms", str(args.ttft_ms), "--sim-itl-ms", str(args.itl_ms)]
+    with gateways_sharing_prefix(2, prefix=f"rapport-bench:{uuid.uuid4().hex[:8]}:", redis_url=args.redis_url,
+                                 extra=flags, name="rapport-resume-gateway", timeout=90) as gateways:
+        print(f"two gateways on ports {gateways[0].port} and {gateways[1].port} "
+              f"(simulated engine: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms); "
+              f"logs in {gateways[0].log_path} and {gateways[1].log_path}", file=sys.stderr)
+        try:
+            import uvloop  # the client side should add as little as it can to what is measured
+        except ImportError:
+            asyncio.run(measure(args, gateways))
+        else:
+            uvloop.run(measure(args, gateways))
 
 
 if __name__ == "__main__":

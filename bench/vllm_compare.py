@@ -15,9 +15,9 @@ The same model with the same settings is served two ways, one after the other
   history so far and the new user message, same temperature (0) and
   ``max_tokens``.
 
-Both clients are lean (``websockets`` + ``protocol.codec``; ``httpx`` with a
-small SSE reader), run in this one process on one event loop, and measure on
-the client's clock:
+Both clients are lean (the toolkit's :class:`clients.driver.Driver`; the
+``openai`` SDK's streaming chat completions), run in this one process on one
+event loop, and measure on the client's clock:
 
 * time to first token: sending the request to the first non-empty content
   delta (``turn.delta`` / an SSE chunk whose ``delta.content`` is non-empty);
@@ -74,8 +74,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,23 +82,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # runnable as `python bench/vllm_compare.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+# Runnable as `python bench/vllm_compare.py` from a checkout: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx
+import openai
+import redis
 
-from clients.bench import percentile
-from protocol.codec import JSON_SUBPROTOCOL, Codec
+from clients.driver import Driver
+from clients.percentiles import percentile
+from protocol import client_frames
 from server.config import DEFAULT_SYSTEM_PROMPT, Settings
 from sessions.messages import ChatMessage
 from sessions.prompt import PastTurn, build_window, render
+from testkit.redis_prefix import clean_prefix
+from testkit.servers import ChildServer, ServerProcess, VllmServer
 
 REDIS_URL = os.environ.get("RAPPORT_REDIS_URL", "redis://127.0.0.1:6379/0")
 #: vLLM's default KV block size on CPU (vllm/platforms/cpu.py) when --block-size is not given.
 CPU_DEFAULT_BLOCK_SIZE = 128
 MAX_HISTORY_TURNS = Settings().max_history_turns  # Rapport's default window cap (16)
 PATHS = ("rapport", "vllm")
+#: A vLLM server may take a while to release its engine core after SIGTERM.
+STOP_TIMEOUT_S = 60.0
 
 SHORT_MESSAGES = (
     "Hi! I had a long day at work and I'm finally home. Can you cheer me up a little?",
@@ -182,95 +185,22 @@ class Exchange:
 # Servers
 # ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ManagedServer:
-    """A server child process in its own process group, so its engine core goes with it."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], ready_url: str, log_path: Path) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.env = env
-        self.ready_url = ready_url
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.startup_s: float | None = None
-
-    def start(self, timeout_s: float) -> None:
-        t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = t0 + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log {self.log_path}:\n"
-                                   + self.tail())
-            try:
-                if httpx.get(self.ready_url, timeout=2.0).status_code == 200:
-                    self.startup_s = time.monotonic() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n" + self.tail())
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        # Whatever is left of the group we created (engine core, workers).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def rapport_server(args: argparse.Namespace, log_dir: Path, prefix: str) -> ManagedServer:
-    port = free_port()
-    cmd = [sys.executable, "-m", "rapport.cli", "serve", "--engine", "vllm", "--auth", "dev",
-           "--host", "127.0.0.1", "--port", str(port), "--redis-url", args.redis_url,
-           "--redis-prefix", prefix, "--default-temperature", "0", "--ttft-budget-ms", "600000",
-           "--hard-deadline-ms", "600000", "--turns-per-minute", "100000",
-           "--max-connections-per-user", "1000", "--model", args.model, "--dtype", "float32",
-           "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
+def rapport_server(args: argparse.Namespace, log_dir: Path, prefix: str, round_no: int) -> ServerProcess:
+    flags = ["--engine", "vllm", "--auth", "dev", "--default-temperature", "0", "--ttft-budget-ms", "600000",
+             "--hard-deadline-ms", "600000", "--turns-per-minute", "100000", "--max-connections-per-user", "1000",
+             "--model", args.model, "--dtype", "float32", "--max-model-len", str(args.max_model_len)]
     if args.block_size:
-        cmd += ["--vllm-arg", f"block_size={args.block_size}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    return ManagedServer("rapport", cmd, env, f"http://127.0.0.1:{port}/readyz", log_dir / "rapport.log")
+        flags += ["--vllm-arg", f"block_size={args.block_size}"]
+    return ServerProcess(prefix=prefix, redis_url=args.redis_url, extra=flags, name=f"rapport-round{round_no}",
+                         env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}, log_dir=log_dir)
 
 
-def vllm_server(args: argparse.Namespace, log_dir: Path, served_name: str) -> ManagedServer:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-           "--served-model-name", served_name, "--dtype", "float32",
-           "--max-model-len", str(args.max_model_len), "--enforce-eager", "--enable-prompt-tokens-details",
-           "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
-           "--disable-uvicorn-access-log"]
+def vllm_server(args: argparse.Namespace, log_dir: Path, served_name: str, round_no: int) -> VllmServer:
+    flags = ["--uvicorn-log-level", "warning", "--disable-uvicorn-access-log"]
     if args.block_size:
-        cmd += ["--block-size", str(args.block_size)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    return ManagedServer("vllm", cmd, env, f"http://127.0.0.1:{port}/health", log_dir / "vllm.log")
+        flags += ["--block-size", str(args.block_size)]
+    return VllmServer(args.model, served_name=served_name, max_model_len=args.max_model_len,
+                      kv_cache_gib=str(args.kv_cache_gib), extra=flags, name=f"vllm-round{round_no}", log_dir=log_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -327,49 +257,33 @@ def window_for(mode: str, history: list[PastTurn], text: str, max_prompt_tokens:
 class RapportUser:
     """One simulated user on one WebSocket."""
 
-    def __init__(self, url: str, name: str, conversation: str) -> None:
-        self.url = url
-        self.name = name
+    def __init__(self, driver: Driver, conversation: str) -> None:
+        self.driver = driver
         self.conversation = conversation
-        self.codec = Codec(JSON_SUBPROTOCOL)
-        self.ws: Any = None
 
-    async def open(self) -> None:
-        from websockets.asyncio.client import connect
-
-        self.ws = await connect(self.url, subprotocols=[JSON_SUBPROTOCOL], compression=None, max_size=None,
-                                ping_interval=None, open_timeout=60)
-        await self.ws.send(self.codec.encode({"type": "hello", "user": self.name,
-                                              "client": {"name": "vllm-compare", "version": "1"}}))
-        while True:
-            frame = await self._recv(60.0)
-            if frame.get("type") == "ready":
-                return
-            if frame.get("type") == "error":
-                raise RuntimeError(f"hello refused: {frame}")
+    @classmethod
+    async def open(cls, url: str, name: str, conversation: str) -> RapportUser:
+        driver = await Driver.open(url, user=name, client={"name": "vllm-compare", "version": "1"},
+                                   compression=None, open_timeout=60)
+        return cls(driver, conversation)
 
     async def _recv(self, timeout: float) -> dict[str, Any]:
+        """The next frame other than a heartbeat ping, which is answered on the way."""
         while True:
-            async with asyncio.timeout(timeout):
-                data = await self.ws.recv()
-            frame = self.codec.decode(data)
-            if frame.get("type") == "ping":
-                pong: dict[str, Any] = {"type": "pong"}
-                if "t" in frame:
-                    pong["t"] = frame["t"]
-                await self.ws.send(self.codec.encode(pong))
-                continue
-            return frame
+            frame = await self.driver.recv(timeout)
+            if frame["type"] != "ping":
+                return frame
+            await self.driver.send(client_frames.pong(frame.get("t")))
 
     async def turn(self, rec: TurnRecord, text: str, max_tokens: int, timeout: float) -> Exchange:
-        ctid = "c" + uuid.uuid4().hex
-        start = {"type": "turn.start", "client_turn_id": ctid, "conversation_id": self.conversation,
-                 "text": text, "options": {"temperature": 0, "max_tokens": max_tokens}}
+        start = client_frames.turn_start(text, conversation_id=self.conversation,
+                                         options={"temperature": 0, "max_tokens": max_tokens})
+        ctid = start["client_turn_id"]
         turn_id: str | None = None
         parts: list[str] = []
         last: float | None = None
         sent = time.perf_counter()
-        await self.ws.send(self.codec.encode(start))
+        await self.driver.send(start)
         while True:
             frame = await self._recv(timeout)
             kind = frame.get("type")
@@ -408,17 +322,15 @@ class RapportUser:
         return Exchange(rec, text, [], rec.text)
 
     async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
+        await self.driver.close()
 
 
 class VllmUser:
     """One simulated user of vLLM's OpenAI server; keeps its own conversation."""
 
-    def __init__(self, client: httpx.AsyncClient, base: str, model: str, mode: str, max_model_len: int,
+    def __init__(self, client: openai.AsyncOpenAI, model: str, mode: str, max_model_len: int,
                  tokens: Tokens | None) -> None:
         self.client = client
-        self.url = base + "/v1/chat/completions"
         self.model = model
         self.mode = mode
         self.max_model_len = max_model_len
@@ -428,36 +340,20 @@ class VllmUser:
     async def turn(self, rec: TurnRecord, text: str, max_tokens: int, timeout: float) -> Exchange:
         # The window is built before the clock starts (Rapport builds its own inside its TTFT).
         window = window_for(self.mode, self.history, text, self.max_model_len - max_tokens, self.tokens)
-        body = {"model": self.model, "messages": [{"role": m.role, "content": m.content} for m in window],
-                "stream": True, "stream_options": {"include_usage": True},
-                "temperature": 0, "top_p": 1.0, "max_tokens": max_tokens}
         parts: list[str] = []
         last: float | None = None
-        usage: dict[str, Any] | None = None
+        usage: Any = None
         sent = time.perf_counter()
-        async with asyncio.timeout(timeout):
-            async with self.client.stream("POST", self.url, json=body) as resp:
-                if resp.status_code != 200:
-                    raw = (await resp.aread()).decode(errors="replace")
-                    rec.turn_ms = (time.perf_counter() - sent) * 1000.0
-                    try:
-                        err = json.loads(raw)
-                        msg = (err.get("error") or {}).get("message") if isinstance(err.get("error"), dict) \
-                            else err.get("message")
-                    except ValueError:
-                        msg = raw
-                    rec.error = f"HTTP {resp.status_code}: {str(msg or raw)[:300]}"
-                    return Exchange(rec, text, window, "")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = json.loads(payload)
+        try:
+            async with asyncio.timeout(timeout):
+                stream = await self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": m.role, "content": m.content} for m in window],
+                    stream=True, stream_options={"include_usage": True}, temperature=0, top_p=1.0,
+                    max_tokens=max_tokens)
+                async for chunk in stream:
                     now = time.perf_counter()
-                    for choice in chunk.get("choices") or ():
-                        piece = (choice.get("delta") or {}).get("content")
+                    for choice in chunk.choices:
+                        piece = choice.delta.content if choice.delta is not None else None
                         if piece:
                             if last is None:
                                 rec.ttft_ms = (now - sent) * 1000.0
@@ -466,21 +362,28 @@ class VllmUser:
                             last = now
                             rec.deltas += 1
                             parts.append(piece)
-                        if choice.get("finish_reason"):
-                            rec.finish_reason = choice["finish_reason"]
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
+                        if choice.finish_reason:
+                            rec.finish_reason = choice.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+        except openai.APIStatusError as exc:
+            rec.turn_ms = (time.perf_counter() - sent) * 1000.0
+            # The SDK keeps the server's error object as the body: its message says why.
+            body = exc.body if isinstance(exc.body, dict) else {}
+            rec.error = f"HTTP {exc.status_code}: {str(body.get('message') or exc.message)[:300]}"
+            return Exchange(rec, text, window, "")
         rec.turn_ms = (time.perf_counter() - sent) * 1000.0
         rec.text = "".join(parts)
         if usage is None:
             rec.error = "no usage in the stream"
             return Exchange(rec, text, window, rec.text)
-        raw_completion = int(usage.get("completion_tokens") or 0)
+        raw_completion = int(usage.completion_tokens or 0)
         rec.raw_completion_tokens = raw_completion
         # vLLM counts the end-of-sequence token of a reply that stopped by itself; it carries no text.
         rec.completion_tokens = max(0, raw_completion - (1 if rec.finish_reason == "stop" else 0))
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        rec.prompt_tokens = usage.prompt_tokens
+        details = usage.prompt_tokens_details
+        rec.cached_tokens = int((details.cached_tokens if details is not None else 0) or 0)
         rec.ok = rec.finish_reason in ("stop", "length")
         if rec.ok:
             self.history.append(PastTurn(text, rec.text))
@@ -554,9 +457,7 @@ async def drive_rapport(args: argparse.Namespace, base_url: str, round_no: int,
 
     def maker(scenario: str):
         async def make(i: int) -> RapportUser:
-            u = RapportUser(ws_url, f"cmp-{tag_base}-{scenario}-{i}", f"conv-{scenario}")
-            await u.open()
-            return u
+            return await RapportUser.open(ws_url, f"cmp-{tag_base}-{scenario}-{i}", f"conv-{scenario}")
         return make
 
     warm = await run_conversations("rapport", maker("warmup"), "warmup", round_no, 1,
@@ -582,16 +483,15 @@ async def drive_rapport(args: argparse.Namespace, base_url: str, round_no: int,
 async def drive_vllm(args: argparse.Namespace, base_url: str, served_name: str, round_no: int,
                      tokens: Tokens | None) -> list[Run]:
     runs: list[Run] = []
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 4,
-                          max_keepalive_connections=max(args.concurrency) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.turn_timeout_s, connect=30.0),
-                                 limits=limits) as client:
+    # No retries: a refused or failed request is a figure here, not something to hide.
+    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0,
+                                  timeout=openai.Timeout(args.turn_timeout_s, connect=30.0)) as client:
         # Open the pool's connections before measuring, as the WebSocket users connect first.
-        await asyncio.gather(*(client.get(base_url + "/v1/models") for _ in range(max(args.concurrency))))
+        await asyncio.gather(*(client.models.list() for _ in range(max(args.concurrency))))
 
         def maker(mode: str):
             async def make(i: int) -> VllmUser:
-                return VllmUser(client, base_url, served_name, mode, args.max_model_len, tokens)
+                return VllmUser(client, served_name, mode, args.max_model_len, tokens)
             return make
 
         warm = await run_conversations("vllm", maker("full"), "warmup", round_no, 1,
@@ -663,7 +563,7 @@ def fill_estimates(run: Run, tokens: Tokens, block: int, max_model_len: int) -> 
             ids = tokens.prompt_ids(ex.window)
             if prev_ids is not None:
                 common = 0
-                for a, b in zip(prev_ids, ids):
+                for a, b in zip(prev_ids, ids, strict=False):  # a common prefix: the shorter one bounds it
                     if a != b:
                         break
                     common += 1
@@ -818,7 +718,8 @@ def format_tables(summaries: list[dict[str, Any]], pooled_summaries: list[dict[s
                     cells += f"  {why:>24}"
                 else:
                     share = (rec["cached_tokens"] or 0) / rec["prompt_tokens"] if rec["prompt_tokens"] else None
-                    cells += f"  {str(rec['prompt_tokens']) + ' / ' + str(rec['cached_tokens']) + ' / ' + _pct(share):>24}"
+                    cell = f"{rec['prompt_tokens']} / {rec['cached_tokens']} / {_pct(share)}"
+                    cells += f"  {cell:>24}"
             ref = row.get("rapport") or row.get("vllm")
             ideal = None
             if ref and ref["ok"] and ref["ideal_cached_tokens"] is not None and ref["prompt_tokens"]:
@@ -910,18 +811,6 @@ def run_async(coro: Any) -> Any:
         return runner.run(coro)
 
 
-def clean_redis(url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(url)
-    try:
-        keys = list(r.scan_iter(match=prefix + "*", count=1000))
-        for i in range(0, len(keys), 500):
-            r.delete(*keys[i:i + 500])
-    finally:
-        r.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not Path(args.model).is_dir():
@@ -942,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     startups: list[dict[str, Any]] = []
     prefixes: list[str] = []
-    current: ManagedServer | None = None
+    current: ChildServer | None = None
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -955,31 +844,31 @@ def main(argv: list[str] | None = None) -> int:
                 if path == "rapport":
                     prefix = f"vllm-compare:{uuid.uuid4().hex[:10]}:"
                     prefixes.append(prefix)
-                    current = rapport_server(args, log_dir, prefix)
+                    current = rapport_server(args, log_dir, prefix, round_no)
                 else:
-                    current = vllm_server(args, log_dir, served_name)
+                    current = vllm_server(args, log_dir, served_name, round_no)
                 print(f"round {round_no}: starting {path} ...", flush=True)
-                current.start(args.startup_timeout_s)
+                current.start(timeout=args.startup_timeout_s)
                 startups.append({"path": path, "round": round_no, "startup_s": current.startup_s})
                 print(f"round {round_no}: {path} ready after {current.startup_s:.0f} s", flush=True)
-                base = current.ready_url.rsplit("/", 1)[0]
+                base = current.base
                 if path == "rapport":
                     got = run_async(drive_rapport(args, base, round_no, long_tokens))
                 else:
                     got = run_async(drive_vllm(args, base, served_name, round_no, long_tokens))
                 runs.extend(got)
-                current.stop()
+                current.stop(timeout=STOP_TIMEOUT_S)
                 current = None
     except KeyboardInterrupt:
         print("interrupted; stopping the server", file=sys.stderr)
         return 130
     finally:
         if current is not None:
-            current.stop()
+            current.stop(timeout=STOP_TIMEOUT_S)
         for prefix in prefixes:
             try:
-                clean_redis(args.redis_url, prefix)
-            except Exception as exc:  # noqa: BLE001 - leftover keys are only litter
+                clean_prefix(prefix, args.redis_url)
+            except redis.RedisError as exc:  # leftover keys are only litter
                 print(f"could not clean Redis prefix {prefix}: {exc}", file=sys.stderr)
 
     for run in runs:

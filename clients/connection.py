@@ -60,9 +60,6 @@ class RapportConnection:
         if driver.ready is None:
             raise ValueError("a RapportConnection starts after the handshake: open the Driver with hello=True")
         self._driver = driver
-        # The socket itself, under the name tests/chaos/test_chaos.py reads it by
-        # (for the local port); new code uses local_address.
-        self._ws = driver.ws
         self._ready: dict[str, Any] = driver.ready
         self._loop = asyncio.get_running_loop()
         self._by_turn: dict[str, BaseTurnStream] = {}

@@ -34,7 +34,8 @@ class Codec:
 
     def encode(self, frame: dict[str, Any]) -> str | bytes:
         if self.binary:
-            return msgpack.packb(frame, use_bin_type=True)
+            packed: bytes = msgpack.packb(frame, use_bin_type=True)
+            return packed
         # ensure_ascii=False keeps Chinese and emoji as UTF-8 rather than
         # \u escapes: smaller frames, and byte-identical text for clients.
         return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))

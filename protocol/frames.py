@@ -11,6 +11,7 @@ codec has one shape to encode and tests can compare against the contract.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,7 +271,7 @@ def _pong(obj: dict[str, Any], _: int) -> Pong:
     return Pong(t=_t(obj))
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any], int], ClientFrame]] = {
     "hello": _hello,
     "turn.start": _turn_start,
     "turn.cancel": _turn_cancel,

@@ -63,7 +63,8 @@ class Leases:
     """The running-turn lease index (one sorted set for the whole deployment)."""
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, lease_ms: int) -> None:
-        self.redis = redis
+        # Any: redis-py types replies as bytes | str; this client decodes (decode_responses=True).
+        self.redis: Any = redis
         self.key = keys.running_index()
         self.lease_ms = lease_ms
 

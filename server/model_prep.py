@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from protocol.errors import RapportError
 
@@ -125,7 +126,9 @@ def _convert(gguf: Path, dest: Path) -> None:
 
     src_dir, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # Any: the attributes cleared below are set at run time by the GGUF loader,
+    # not declared on the model's class.
+    model: Any = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     # The loaded model still carries the GGUF quantizer marker, and
     # save_pretrained refuses to serialise a "quantized" model. The weights
     # are already dequantised, so drop the marker.

@@ -345,8 +345,11 @@ class ConversationStore:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.redis = redis
-        self.blocking_redis = blocking_redis if blocking_redis is not None else redis
+        # Typed as Any on purpose: redis-py types every reply as ``bytes | str``
+        # whatever the client's decode_responses, and the store's clients always
+        # decode (server.runtime creates them with decode_responses=True).
+        self.redis: Any = redis
+        self.blocking_redis: Any = blocking_redis if blocking_redis is not None else redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
         self.delta_log_ttl_s = delta_log_ttl_s
@@ -517,7 +520,7 @@ class ConversationStore:
             order.append(turn_id)
         results = await pipe.execute(raise_on_error=False)
         failed: dict[str, str] = {}
-        for turn_id, res in zip(order, results):
+        for turn_id, res in zip(order, results, strict=True):
             if isinstance(res, Exception):
                 if isinstance(res, _UNAVAILABLE_ERRORS):
                     raise res
@@ -595,7 +598,7 @@ class ConversationStore:
         for turn_id in active.values():
             pipe.hgetall(self.keys.turn(user_id, turn_id))
         out: list[TurnRecord] = []
-        for (conv, turn_id), data in zip(active.items(), await pipe.execute()):
+        for (conv, _turn_id), data in zip(active.items(), await pipe.execute(), strict=True):
             rec = _record(data)
             if rec is not None and rec.status == "running" and rec.conversation_id == conv:
                 out.append(rec)

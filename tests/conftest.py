@@ -1,114 +1,46 @@
-"""Shared fixtures: real Redis, real uvicorn processes on 127.0.0.1, real sockets."""
+"""Shared fixtures: real Redis, real uvicorn processes on 127.0.0.1, real sockets.
+
+The machinery (ports, server processes, prefix cleaning) lives in ``testkit``,
+which the scripts under bench/ share; the names tests import from here
+(``ServerProcess``, ``clean_prefix``, ``free_port``, ...) stay importable.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 import redis
+
+from testkit import servers
+from testkit.ports import free_port
+from testkit.redis_prefix import clean_prefix as _clean_prefix
+
+__all__ = ["JWT_SECRET", "REDIS_URL", "ROOT", "SIM_FLAGS", "ServerProcess", "clean_prefix", "free_port",
+           "make_token"]
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("RAPPORT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 JWT_SECRET = "test-secret-" + "x" * 32
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(servers.ServerProcess):
+    """``rapport serve`` on the test Redis, signing and verifying JWTs with :data:`JWT_SECRET`."""
 
-
-class ServerProcess:
-    """``rapport serve`` in a child process, as a user would run it."""
-
-    def __init__(self, *, prefix: str, extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 redis_url: str = REDIS_URL, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.prefix = prefix
-        self.redis_url = redis_url
-        self.extra = extra or []
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(f"/tmp/rapport-test-server-{self.port}.log")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
-
-    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "rapport.cli", "serve", "--port", str(self.port),
-               "--redis-url", self.redis_url, "--redis-prefix", self.prefix,
-               "--jwt-secret", JWT_SECRET, "--log-level", "warning", *self.extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "wb")
-        # Its own process group, so that killing it also kills an engine's children
-        # (vLLM's engine core runs in a spawned process).
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        if wait_ready:
-            self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.base + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        finally:
-            # Whatever the server left behind in its group goes too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self._log.close()
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+    def __init__(self, *, prefix: str, redis_url: str = REDIS_URL, **kwargs: Any) -> None:
+        kwargs.setdefault("jwt_secret", JWT_SECRET)
+        kwargs.setdefault("name", "rapport-test-server")
+        super().__init__(prefix=prefix, redis_url=redis_url, **kwargs)
 
 
 def clean_prefix(prefix: str, url: str = REDIS_URL) -> None:
-    r = redis.Redis.from_url(url)
-    try:
-        keys = list(r.scan_iter(match=prefix.replace("[", "\\[") + "*", count=1000))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
+    """Delete the keys a test wrote under ``prefix`` (on the test Redis unless told otherwise)."""
+    _clean_prefix(prefix, url)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from faultproxy import FaultProxy
 from clients.client import ResilientClient
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
+from testkit.servers import running
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,14 +51,9 @@ def two_processes(redis_url):
     prefix = f"rapport-chaos:{uuid.uuid4().hex[:10]}:"
     servers = [ServerProcess(prefix=prefix, extra=SERVER_FLAGS) for _ in range(2)]
     try:
-        for s in servers:
-            s.start(wait_ready=False)
-        for s in servers:
-            s.wait_ready(90)
-        yield servers
+        with running(*servers, timeout=90):
+            yield servers
     finally:
-        for s in servers:
-            s.stop()
         clean_prefix(prefix)
 
 
@@ -65,7 +61,7 @@ def local_port(client: ResilientClient) -> int | None:
     conn = client.connection
     if conn is None:
         return None
-    return conn._ws.local_address[1]
+    return conn.local_address[1]
 
 
 async def test_two_hundred_cut_turns_lose_nothing_and_duplicate_nothing(two_processes, redis_url):

@@ -189,12 +189,12 @@ def test_deeply_nested_json_is_bad_request(data: str) -> None:
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_non_finite_numbers_are_refused(constant: str) -> None:
     with pytest.raises(BadRequest):
-        frames.parse_client_frame(JSON.decode('{"type":"ping","t":%s}' % constant), max_input_chars=100)
+        frames.parse_client_frame(JSON.decode('{"type":"ping","t":' + constant + '}'), max_input_chars=100)
 
 
 @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "x\\ud83dy"])
 def test_lone_surrogates_in_json_are_refused(escape: str) -> None:
-    data = '{"type":"turn.start","client_turn_id":"c","text":"%s"}' % escape
+    data = '{"type":"turn.start","client_turn_id":"c","text":"' + escape + '"}'
     with pytest.raises(BadRequest):
         frames.parse_client_frame(JSON.decode(data), max_input_chars=100)
 

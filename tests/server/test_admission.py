@@ -266,7 +266,7 @@ async def _burst(sockets, witness) -> tuple[list[tuple[str, float, dict, float |
 
     *results, rtt = await asyncio.gather(*(one(ws) for ws in sockets), reference())
     # Only once every turn.start is answered: a slot freed early would rightly admit a late one.
-    results = await asyncio.gather(*(cancel(ws, r) for ws, r in zip(sockets, results)))
+    results = await asyncio.gather(*(cancel(ws, r) for ws, r in zip(sockets, results, strict=True)))
     return results, rtt
 
 

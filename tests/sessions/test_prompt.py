@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_window_start_moves_only_every_block_turns(cap: int, block: int) -> None
     changes = [n for n in range(1, 41) if starts[n] != starts[n - 1]]
     assert all(starts[n] - starts[n - 1] == eff for n in changes)
     assert changes[0] == cap + 1
-    assert all(b - a == eff for a, b in zip(changes, changes[1:]))
+    assert all(b - a == eff for a, b in pairwise(changes))
 
 
 def test_consecutive_prompts_extend_each_other_between_jumps() -> None:
@@ -203,10 +204,10 @@ def test_token_trimming_keeps_the_prefix_for_a_quantum_of_growth() -> None:
         kept = (len(msgs) - 2) // 2
         starts.append(n - kept)
     moves = [i for i in range(1, len(starts)) if starts[i] != starts[i - 1]]
-    gaps = [b - a for a, b in zip(moves, moves[1:])]
+    gaps = [b - a for a, b in pairwise(moves)]
     # A quantum is 210 tokens, more than 10 turns: at least 10 turns between moves.
     assert gaps and min(gaps) >= 10, (moves, gaps)
-    for a, b in zip(moves, moves[1:]):  # between moves each prompt extends the previous one
+    for a, b in pairwise(moves):  # between moves each prompt extends the previous one
         assert len(set(starts[a:b])) == 1
 
 
