@@ -19,7 +19,8 @@ stream of ``chat.completion.chunk`` objects (the first carries
 ``usage``), ending with ``data: [DONE]``. Errors are
 ``{"error": {"message", "type", "param", "code"}}`` where ``code`` is the
 Rapport protocol's error code, or ``context_length_exceeded`` for a prompt the
-context window cannot hold.
+context window cannot hold. The body is decoded by the WebSocket's JSON codec
+(:mod:`protocol.codec`), so it meets the same refusals as a frame.
 
 The response status is decided when the engine's first event arrives, so a
 request that cannot start (engine failure, first-token deadline missed) gets a
@@ -46,9 +47,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -56,12 +57,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from protocol import frames
-from protocol.errors import HTTP_STATUS, EngineError, RapportError, TooLarge, Unauthorized
+from protocol.codec import JSON_SUBPROTOCOL, codec_for
+from protocol.errors import HTTP_STATUS, BadRequest, EngineError, RapportError, TooLarge, Unauthorized
+from sessions.turn import ENGINE_FINISH_REASONS, Turn, TurnEvent, Usage
 
 from .auth import bearer_token
 from .engines.base import (
     ChatMessage,
-    EngineDelta,
+    EngineEvent,
     EngineFinish,
     EngineRequest,
     SamplingOptions,
@@ -312,18 +315,29 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_json(raw: bytes) -> Any:
+#: The WebSocket's JSON decoding, so that a body meets the same refusals as a
+#: frame: nesting deep enough to exhaust the parser, escaped lone surrogates (not
+#: characters: they could not be stored or sent back as UTF-8), NaN and Infinity.
+_JSON = codec_for(JSON_SUBPROTOCOL)
+
+
+def _decode_json(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise _bad("the request body is empty; send a JSON object with 'messages'")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise _bad("the request body is not valid UTF-8 JSON") from None
+    if not text.lstrip().startswith("{"):
+        # Only an object can be a request. Said before decoding and in this
+        # endpoint's words: the codec's message for it speaks of frames.
+        raise _bad("the request body must be a JSON object")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _bad(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                   f"column {exc.colno}") from None
+        return _JSON.decode(text)
+    except BadRequest as exc:
+        # The codec's reasons read "invalid JSON: ..."; say it once.
+        reason = exc.message.removeprefix("invalid JSON: ")
+        raise _bad(f"the request body is not valid JSON: {reason}") from None
 
 
 # ---------------------------------------------------------------- auth
@@ -348,16 +362,19 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _usage(finish: EngineFinish | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    if finish is not None:
-        prompt_tokens, completion_tokens = finish.prompt_tokens, finish.completion_tokens
-    cached = finish.cached_prompt_tokens if finish is not None else 0
+def _openai_usage(usage: Usage) -> dict[str, Any]:
+    """The turn's usage in OpenAI's shape."""
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
+
+
+def _engine_usage(finish: EngineFinish) -> Usage:
+    return Usage(prompt_tokens=finish.prompt_tokens, completion_tokens=finish.completion_tokens,
+                 cached_prompt_tokens=finish.cached_prompt_tokens)
 
 
 def _ms() -> float:
@@ -365,7 +382,7 @@ def _ms() -> float:
 
 
 class _GenerationEnded(Exception):
-    """The engine stopped a request without a finish (it aborted it)."""
+    """The engine gave the request up: its stream stopped without a natural finish."""
 
 
 class CompletionResponse:
@@ -376,6 +393,13 @@ class CompletionResponse:
     cancels the producer, whose ``aclosing`` block closes the engine iterator
     and so aborts the request inside the engine. This works whatever ASGI
     version the server speaks and also while the engine has nothing to send.
+
+    The completion is a turn like a WebSocket one, driven through the same pure
+    :class:`~sessions.turn.Turn`: it numbers nothing that anybody resumes, but
+    it decides the finish reason, the timings and the usage, which go to the
+    client and to the same metrics. The client leaving is a cancel; the
+    first-token deadline, an engine failure and an engine that gives up are the
+    same events as on the WebSocket.
     """
 
     def __init__(self, runtime: Runtime, req: CompletionRequest, *, user_id: str, prompt_tokens: int,
@@ -384,17 +408,13 @@ class CompletionResponse:
         self.req = req
         self.user_id = user_id
         self.prompt_tokens = prompt_tokens
-        self.received_ms = received_ms
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = runtime.engine.model_name
         self.client_gone = False
-        # Filled in while generating, reported to metrics once.
-        self.finish_reason: str | None = None
-        self.submitted_ms: float | None = None
-        self.first_ms: float | None = None
-        self.completion_tokens = 0
-        self.finish: EngineFinish | None = None
+        self.turn = Turn(turn_id=self.id, received_ms=received_ms)
+        # The engine refused the prompt before running it: not a turn, not counted.
+        self._refused = False
         self._recorded = False
         self._last_delta_ms: float | None = None
 
@@ -411,40 +431,41 @@ class CompletionResponse:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(producer, watcher, return_exceptions=True)
-            self._record("cancelled" if self.client_gone else "interrupted")
+            # The client leaving is a cancel; a producer that stopped without
+            # ending the turn failed on the way, and the turn ends interrupted.
+            # Either is a no-op for a turn that has already ended.
+            self._interrupt(TurnEvent.CANCEL if self.client_gone else TurnEvent.ENGINE_FAILED)
+            self._record()
         if not producer.cancelled() and producer.exception() is not None and not self.client_gone:
             raise producer.exception()  # type: ignore[misc]
 
-    # -- metrics ----------------------------------------------------------
+    # -- the turn ---------------------------------------------------------
 
-    def _record(self, default_reason: str) -> None:
-        """Count the request once, like a turn's end (only if it reached the engine)."""
-        if self._recorded or self.submitted_ms is None:
+    def _partial_usage(self) -> Usage:
+        """Usage of a turn the engine did not finish: the prompt as counted up front."""
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.turn.completion_tokens)
+
+    def _interrupt(self, event: TurnEvent) -> None:
+        self.turn.interrupt(event, _ms(), self._partial_usage())
+
+    def _record(self) -> None:
+        """Count the ended turn once in the turn metrics, if it reached the engine.
+
+        Called before the last bytes go out, so a client that has its answer
+        already finds it counted.
+        """
+        ending = self.turn.ending
+        if self._recorded or ending is None or self.turn.submitted_ms is None or self._refused:
             return
         self._recorded = True
-        reason = self.finish_reason or default_reason
+        self.runtime.metrics.turn_ended(ending.finish_reason, ending.timings, ending.usage.as_dict(),
+                                        self.runtime.settings.ttft_budget_ms)
+
+    def _delta_sent(self) -> None:
         now = _ms()
-
-        def since(t: float | None) -> float | None:
-            return None if t is None else round(t - self.received_ms, 3)
-
-        timings = {"queue_ms": since(self.submitted_ms), "ttft_ms": since(self.first_ms),
-                   "total_ms": round(now - self.received_ms, 3)}
-        usage = _usage(self.finish, self.prompt_tokens, self.completion_tokens)
-        self.runtime.metrics.turn_ended(
-            reason, timings,
-            {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-             "cached_prompt_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
-            self.runtime.settings.ttft_budget_ms)
-
-    def _delta_seen(self, tokens: int) -> None:
-        now = _ms()
-        if self.first_ms is None:
-            self.first_ms = now
-        elif self._last_delta_ms is not None:
+        if self._last_delta_ms is not None:
             self.runtime.metrics.delta_gap((now - self._last_delta_ms) / 1000.0)
         self._last_delta_ms = now
-        self.completion_tokens += tokens
 
     # -- generation -------------------------------------------------------
 
@@ -452,12 +473,15 @@ class CompletionResponse:
         rt = self.runtime
         request = EngineRequest(request_id=self.id, messages=self.req.messages,
                                 sampling=self.req.sampling, user_id=self.user_id)
-        self.submitted_ms = _ms()
-        stream = rt.engine.generate(request)
+        self.turn.submitted(_ms())
+        # Typed as an iterator, but every engine returns an async generator,
+        # whose aclose() aborts the request (see server.engines.base).
+        stream = cast(AsyncGenerator[EngineEvent, None], rt.engine.generate(request))
         async with contextlib.aclosing(stream):  # closing it aborts the engine request
             try:
                 first = await self._first_event(stream)
             except ApiError as exc:
+                self._record()
                 await _send_json(send, exc.status, exc.body(), exc.headers())
                 return
             if self.req.stream:
@@ -465,48 +489,63 @@ class CompletionResponse:
             else:
                 await self._collect(send, first, stream)
 
-    async def _first_event(self, stream: AsyncIterator[Any]) -> Any:
-        """The engine's first event within the first-token deadline, or an ApiError."""
+    async def _first_event(self, stream: AsyncIterator[EngineEvent]) -> EngineEvent:
+        """The engine's first event within the first-token deadline, or an ApiError.
+
+        The response status is decided here, so whatever ends the turn before
+        its first event is answered as an HTTP error.
+        """
         settings = self.runtime.settings
-        left = settings.hard_deadline_ms - (_ms() - self.received_ms)
+        left = settings.hard_deadline_ms - (_ms() - self.turn.received_ms)
         try:
             return await asyncio.wait_for(anext(stream), timeout=max(0.001, left / 1000.0))
         except TimeoutError:
-            self.finish_reason = "budget_exceeded"
+            self._interrupt(TurnEvent.DEADLINE)
             raise ApiError(503, "budget_exceeded",
                            f"no first token within {settings.hard_deadline_ms} ms; retry shortly",
                            retry_after_ms=1000) from None
         except StopAsyncIteration:
-            self.finish_reason = "interrupted"
+            self.turn.engine_stopped(None, self._partial_usage(), _ms())
             raise ApiError(503, "unavailable", "the engine aborted the request; retry") from None
         except TooLarge as exc:
-            self.submitted_ms = None  # refused before it ran: not a turn
+            self._refused = True
             raise ApiError(400, "context_length_exceeded", exc.message, param="messages") from None
         except EngineError as exc:
-            self.finish_reason = "interrupted"
+            self._interrupt(TurnEvent.ENGINE_FAILED)
             raise ApiError(503, "unavailable", f"the engine failed: {exc.message}",
                            retry_after_ms=1000) from None
         except RapportError as exc:
-            self.finish_reason = "error"
+            self._interrupt(TurnEvent.INTERNAL_ERROR)
             raise ApiError.from_rapport(exc) from None
 
-    async def _events(self, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The first event, then the rest; raises _GenerationEnded when no finish comes."""
+    async def _texts(self, first: EngineEvent, stream: AsyncIterator[EngineEvent]) -> AsyncIterator[str]:
+        """The text of each delta the turn takes, starting with ``first``.
+
+        When it is exhausted the turn has finished naturally; raises
+        _GenerationEnded (or the engine's EngineError) otherwise.
+        """
         event = first
         while True:
             if isinstance(event, EngineFinish):
-                self.finish = event
-                self.completion_tokens = event.completion_tokens
-                self.finish_reason = event.finish_reason
-                yield event
+                ending = self.turn.engine_stopped(event.finish_reason, _engine_usage(event), _ms())
+                if ending.finish_reason not in ENGINE_FINISH_REASONS:
+                    raise _GenerationEnded()
                 return
-            if isinstance(event, EngineDelta):
-                self._delta_seen(event.tokens)
-                yield event
+            out = self.turn.delta(event.text, event.tokens, _ms())
+            if out is not None:
+                self._delta_sent()
+                yield out.text
             try:
                 event = await anext(stream)
             except StopAsyncIteration:
+                self.turn.engine_stopped(None, self._partial_usage(), _ms())
                 raise _GenerationEnded() from None
+
+    def _stopped(self, exc: _GenerationEnded | EngineError, *, retry_after_ms: float | None = None) -> ApiError:
+        """The error for a generation that stopped after the response status was decided."""
+        self._interrupt(TurnEvent.ENGINE_FAILED)  # a no-op when the engine already ended the turn
+        message = exc.message if isinstance(exc, EngineError) else "the engine aborted the request"
+        return ApiError(503, "unavailable", f"generation stopped: {message}", retry_after_ms=retry_after_ms)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -518,7 +557,7 @@ class CompletionResponse:
             chunk["usage"] = None
         return b"data: " + _dumps(chunk) + b"\n\n"
 
-    async def _stream(self, send: Send, first: Any, stream: AsyncIterator[Any]) -> None:
+    async def _stream(self, send: Send, first: EngineEvent, stream: AsyncIterator[EngineEvent]) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -531,49 +570,42 @@ class CompletionResponse:
 
         await body(self._chunk({"role": "assistant", "content": ""}))
         try:
-            async for event in self._events(first, stream):
-                if isinstance(event, EngineDelta):
-                    if event.text:
-                        await body(self._chunk({"content": event.text}))
-                else:
-                    await body(self._chunk({}, event.finish_reason))
+            async for text in self._texts(first, stream):
+                await body(self._chunk({"content": text}))
         except (_GenerationEnded, EngineError) as exc:
-            self.finish_reason = "interrupted"
-            message = exc.message if isinstance(exc, EngineError) else "the engine aborted the request"
-            err = ApiError(503, "unavailable", f"generation stopped: {message}")
-            await body(b"data: " + _dumps(err.body()) + b"\n\n")
+            await body(b"data: " + _dumps(self._stopped(exc).body()) + b"\n\n")
         else:
+            ending = self.turn.ending
+            assert ending is not None
+            await body(self._chunk({}, ending.finish_reason))
             if self.req.include_usage:
                 usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                "model": self.model, "system_fingerprint": None, "choices": [],
-                               "usage": _usage(self.finish, self.prompt_tokens, self.completion_tokens)}
+                               "usage": _openai_usage(ending.usage)}
                 await body(b"data: " + _dumps(usage_chunk) + b"\n\n")
-        self._record("interrupted")
+        self._record()
         await body(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _collect(self, send: Send, first: Any, stream: AsyncIterator[Any]) -> None:
-        parts: list[str] = []
+    async def _collect(self, send: Send, first: EngineEvent, stream: AsyncIterator[EngineEvent]) -> None:
         try:
-            async for event in self._events(first, stream):
-                if isinstance(event, EngineDelta):
-                    parts.append(event.text)
+            async for _ in self._texts(first, stream):
+                pass
         except (_GenerationEnded, EngineError) as exc:
-            self.finish_reason = "interrupted"
-            message = exc.message if isinstance(exc, EngineError) else "the engine aborted the request"
-            err = ApiError(503, "unavailable", f"generation stopped: {message}", retry_after_ms=1000)
-            self._record("interrupted")
+            err = self._stopped(exc, retry_after_ms=1000)
+            self._record()
             await _send_json(send, err.status, err.body(), err.headers())
             return
-        assert self.finish is not None
+        ending = self.turn.ending
+        assert ending is not None
         body = {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "logprobs": None, "finish_reason": self.finish.finish_reason}],
-            "usage": _usage(self.finish, self.prompt_tokens, self.completion_tokens),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ending.text},
+                         "logprobs": None, "finish_reason": ending.finish_reason}],
+            "usage": _openai_usage(ending.usage),
         }
-        self._record("stop")
+        self._record()
         await _send_json(send, 200, body, {"x-request-id": self.id})
 
 

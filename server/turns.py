@@ -1,4 +1,4 @@
-"""Running turns: the adapter between the pure turn machine, the engine and Redis.
+"""Turns generating in this process: the adapter between the pure turn machine, the engine and Redis.
 
 The :class:`TurnManager` owns every turn generating in this process. A turn is
 owned here, not by the socket that started it, because a dropped socket is not
@@ -10,11 +10,18 @@ Path of one delta: engine -> :meth:`TurnManager._generate` -> the pure
 :class:`~sessions.turn.Turn` numbers it -> pushed to every following
 connection's send queue (no await: nothing slow sits between the engine and the
 socket) -> appended to the turn's delta log in Redis by the process's
-:class:`DeltaLogWriter`, which writes whatever piled up for all turns while its
-previous write was in flight in one pipelined round trip.
+:class:`~server.delta_log.DeltaLogWriter`.
 
-A follower of a turn that runs in another process reads that turn's delta log
-with blocking stream reads (:meth:`TurnManager.follow_remote`).
+Everything that can end a turn from outside its engine stream -- ``turn.cancel``
+(from a socket here or from another process), the hard-deadline timer, the
+detach timer, shutdown -- is fed to the pure turn as an interruption
+(:meth:`~sessions.turn.Turn.interrupt`), whose table decides whether it still
+applies. When it ends the turn, the manager cancels the generation task, which
+closes the engine's iterator (aborting the request) and carries the ending out:
+the end entry in Redis, ``turn.end`` to every follower, the lease released.
+
+Turns generating in other processes are followed and cancelled through Redis
+by :class:`~server.following.DistantTurns`.
 """
 
 from __future__ import annotations
@@ -24,35 +31,24 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, cast
 
 from protocol import frames
-from protocol.errors import EngineError, NotFound, RapportError, ResumeExpired, TurnInProgress, Unavailable
+from protocol.errors import EngineError, TurnInProgress, Unavailable
 from sessions.messages import ChatMessage
 from sessions.prompt import build_window, pair_history
-from sessions.store import ConversationStore, LogDelta, LogEnd, TurnRecord
-from sessions.turn import ENGINE_FINISH_REASONS, Attachment, Ending, Turn, Usage
+from sessions.store import ConversationStore
+from sessions.turn import ENGINE_FINISH_REASONS, Attachment, AttachmentState, Ending, Turn, TurnEvent, Usage
 
-from .coordination import Coordinator, end_orphaned_turn, wall_ms
-from .engines.base import Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
+from .coordination import Coordinator, wall_ms
+from .delta_log import DeltaLogWriter
+from .engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, EngineRequest, SamplingOptions
+from .following import DistantTurns, Follower
 from .metrics import Metrics
 
 log = logging.getLogger("rapport.turns")
-
-
-class Follower(Protocol):
-    """A connection that receives a turn's frames."""
-
-    user_id: str
-
-    def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
-        """Queue a frame for sending; never blocks. ``live`` marks a delta fresh
-        from the engine (which a lagging socket may merge with the previous one)."""
-
-    def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
-        """Take ownership of a task following ``turn_id`` from another process."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,70 +70,6 @@ def now_ms() -> float:
     return time.monotonic() * 1000.0
 
 
-class DeltaLogWriter:
-    """Writes the deltas of every turn in this process to their Redis delta logs.
-
-    One task, one pipelined round trip per cycle for all turns with new deltas
-    (rather than one per turn per engine step): at most one write is in flight,
-    and whatever arrives meanwhile goes out in the next. Order per turn is kept
-    because a turn's deltas are only ever written by this one loop. When Redis
-    is unreachable the batch is retried with backoff, so a short outage loses
-    no delta.
-    """
-
-    def __init__(self, store: ConversationStore, retry_s: float) -> None:
-        self._store = store
-        self._retry_s = retry_s
-        self._pending: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        self._inflight: frozenset[tuple[str, str]] = frozenset()
-        self._cycle = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, user_id: str, turn_id: str, seq: int, text: str) -> None:
-        self._pending.setdefault((user_id, turn_id), []).append((seq, text))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="delta log writer")
-
-    async def _run(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, {}
-            self._inflight = frozenset(batch)
-            try:
-                await self._write(batch)
-            finally:
-                self._inflight = frozenset()
-                done, self._cycle = self._cycle, asyncio.Event()
-                done.set()
-
-    async def _write(self, batch: dict[tuple[str, str], list[tuple[int, str]]]) -> None:
-        delay = 0.05
-        deadline = time.monotonic() + self._retry_s
-        items = [(user_id, turn_id, deltas) for (user_id, turn_id), deltas in batch.items()]
-        while True:
-            try:
-                failed = await self._store.append_deltas_many(items)
-            except Unavailable:
-                if time.monotonic() > deadline:
-                    log.error("giving up on the deltas of %d turn(s): Redis stayed unreachable", len(items))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            for turn_id, why in failed.items():
-                log.error("turn %s: its deltas could not be logged (%s)", turn_id, why)
-            return
-
-    async def drain(self, user_id: str, turn_id: str) -> None:
-        """Return once every delta of this turn added so far is written (or given up)."""
-        key = (user_id, turn_id)
-        while key in self._pending or key in self._inflight:
-            await self._cycle.wait()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
 @dataclass(eq=False, slots=True)
 class LiveTurn:
     """A turn generating in this process."""
@@ -151,8 +83,9 @@ class LiveTurn:
     sampling: SamplingOptions
     followers: set[Follower] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
-    # Why we cancelled the generation task ourselves (None: shutdown).
-    stop: Callable[[Turn, float, Usage], Ending] | None = None
+    # Set by the task's first step. Cancelling a task before that would skip its
+    # body, and with it the carrying out of the ending that cancelled it.
+    generating: bool = False
     detach_timer: asyncio.TimerHandle | None = None
     deadline_timer: asyncio.TimerHandle | None = None
     end_frame: dict[str, Any] | None = None
@@ -174,6 +107,7 @@ class TurnManager:
         self.owner = owner or uuid.uuid4().hex[:12]
         self.live: dict[str, LiveTurn] = {}
         self.writer = DeltaLogWriter(store, policy.store_retry_s)
+        self.distant = DistantTurns(store, block_ms=policy.remote_follow_block_ms)
         self._closing = False
         # Set by the runtime: leases and control messages across processes.
         self.coordinator: Coordinator | None = None
@@ -285,56 +219,58 @@ class TurnManager:
 
     async def _generate(self, live: LiveTurn) -> None:
         turn = live.machine
-        ending: Ending | None = None
+        live.generating = True
+        if turn.ending is None:  # else an interruption came before this first step
+            try:
+                await self._stream(live)
+            except asyncio.CancelledError:
+                if turn.ending is None:
+                    # Not one of our interruptions (they end the turn before they
+                    # cancel): shutdown. close() or the lease logic ends the turn.
+                    raise
+            # The engine stream is closed by now: these only end the turn.
+            except EngineError as exc:
+                log.warning("turn %s: engine failed: %s", turn.turn_id, exc)
+                self._interruption(live, TurnEvent.ENGINE_FAILED)
+            except Exception:
+                log.exception("turn %s: unexpected error", turn.turn_id)
+                self._interruption(live, TurnEvent.INTERNAL_ERROR)
+        assert turn.ending is not None
+        await self._finish(live, turn.ending)
+
+    async def _stream(self, live: LiveTurn) -> None:
+        """Feed the engine's output to the turn until the engine stops."""
+        turn = live.machine
         finish: EngineFinish | None = None
         request = EngineRequest(request_id=turn.turn_id, messages=tuple(live.messages),
                                 sampling=live.sampling, user_id=live.user_id)
-        try:
-            turn.submitted(now_ms())
-            stream = self.engine.generate(request)
-            async with contextlib.aclosing(stream):  # closing aborts the engine request
-                async for event in stream:
-                    if isinstance(event, EngineDelta):
-                        out = turn.delta(event.text, event.tokens, now_ms())
-                        if out is not None:
-                            self._emit(live, out.seq, out.text)
-                    else:
-                        finish = event
-                        break
-            if finish is not None and finish.finish_reason not in ENGINE_FINISH_REASONS:
-                # The engine aborted the request on its own (vLLM's "abort"): not a
-                # natural end, so the turn ends interrupted with its partial reply.
-                ending = turn.engine_failed(now_ms(), Usage(
-                    prompt_tokens=finish.prompt_tokens,
-                    completion_tokens=finish.completion_tokens,
-                    cached_prompt_tokens=finish.cached_prompt_tokens,
-                ))
-            elif finish is not None:
-                ending = turn.finish(finish.finish_reason, Usage(
-                    prompt_tokens=finish.prompt_tokens,
-                    completion_tokens=finish.completion_tokens,
-                    cached_prompt_tokens=finish.cached_prompt_tokens,
-                ), now_ms())
-                if finish.engine_ttft_ms is not None:
-                    # The engine's own share of ttft_ms (an additive timings field).
-                    ending.timings["engine_ttft_ms"] = round(finish.engine_ttft_ms, 3)
-                if self.reply_observer is not None:
-                    self.reply_observer(finish.completion_tokens)
-            else:
-                # The engine ended the stream without a finish: it aborted us.
-                ending = turn.engine_failed(now_ms(), self._partial_usage(live))
-        except asyncio.CancelledError:
-            if live.stop is None:
-                # Shutdown: leave the turn to be marked by the lease logic or by close().
-                raise
-            ending = live.stop(turn, now_ms(), self._partial_usage(live))
-        except EngineError as exc:
-            log.warning("turn %s: engine failed: %s", turn.turn_id, exc)
-            ending = turn.engine_failed(now_ms(), self._partial_usage(live))
-        except Exception:
-            log.exception("turn %s: unexpected error", turn.turn_id)
-            ending = turn.internal_error(now_ms(), self._partial_usage(live))
-        await self._finish(live, ending)
+        turn.submitted(now_ms())
+        # Typed as an iterator, but every engine returns an async generator,
+        # whose aclose() aborts the request (see server.engines.base).
+        stream = cast(AsyncGenerator[EngineEvent, None], self.engine.generate(request))
+        async with contextlib.aclosing(stream):  # closing aborts the engine request
+            async for event in stream:
+                if isinstance(event, EngineDelta):
+                    out = turn.delta(event.text, event.tokens, now_ms())
+                    if out is not None:
+                        self._emit(live, out.seq, out.text)
+                else:
+                    finish = event
+                    break
+        if finish is None:
+            turn.engine_stopped(None, self._partial_usage(live), now_ms())
+            return
+        ending = turn.engine_stopped(finish.finish_reason, Usage(
+            prompt_tokens=finish.prompt_tokens,
+            completion_tokens=finish.completion_tokens,
+            cached_prompt_tokens=finish.cached_prompt_tokens,
+        ), now_ms())
+        if ending.finish_reason in ENGINE_FINISH_REASONS:
+            if finish.engine_ttft_ms is not None:
+                # The engine's own share of ttft_ms (an additive timings field).
+                ending.timings["engine_ttft_ms"] = round(finish.engine_ttft_ms, 3)
+            if self.reply_observer is not None:
+                self.reply_observer(finish.completion_tokens)
 
     def _partial_usage(self, live: LiveTurn) -> Usage:
         return Usage(prompt_tokens=self.engine.count_tokens(live.messages),
@@ -402,24 +338,30 @@ class TurnManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    # ------------------------------------------------------------ stopping
+    # ------------------------------------------------------------ interrupting
 
-    def _stop(self, live: LiveTurn, how: Callable[[Turn, float, Usage], Ending]) -> None:
-        if live.machine.ended or live.stop is not None or live.task is None:
-            return
-        live.stop = how
-        live.task.cancel()
+    def _interruption(self, live: LiveTurn, event: TurnEvent) -> Ending | None:
+        """Feed an event from outside the engine stream to the turn: its ending, if it ended it."""
+        return live.machine.interrupt(event, now_ms(), self._partial_usage(live),
+                                      attachment=live.attachment.state)
+
+    def _interrupt(self, live: LiveTurn, event: TurnEvent) -> Ending | None:
+        """An interruption while the engine may be generating: abort it if the turn ended."""
+        ending = self._interruption(live, event)
+        if ending is not None and live.generating and live.task is not None:
+            # Cancelling closes the engine's iterator, which aborts the request;
+            # the task then carries the ending out.
+            live.task.cancel()
+        return ending
 
     def _deadline_passed(self, live: LiveTurn) -> None:
         live.deadline_timer = None
-        if live.machine.first_delta_ms is None:
-            self._stop(live, Turn.miss_deadline)
+        self._interrupt(live, TurnEvent.DEADLINE)
 
     def _detach_expired(self, live: LiveTurn) -> None:
         live.detach_timer = None
-        if live.attachment.expired(now_ms() + 1):
+        if self._interrupt(live, TurnEvent.DETACH_EXPIRED) is not None:
             log.info("turn %s: nobody resumed it within the grace period", live.turn_id)
-            self._stop(live, Turn.expire_detached)
 
     async def cancel(self, follower: Follower, turn_id: str) -> None:
         """``turn.cancel``: abort at once; the follower gets the turn's end."""
@@ -427,24 +369,9 @@ class TurnManager:
         if live is not None and live.user_id == follower.user_id:
             if follower not in live.followers:
                 self._join(live, follower)
-            self._stop(live, Turn.cancel)
+            self._interrupt(live, TurnEvent.CANCEL)
             return
-        record = await self.store.get_turn(user_id=follower.user_id, turn_id=turn_id)
-        if record is None:
-            raise NotFound(f"no turn '{turn_id}'", turn_id=turn_id)
-        if record.status == "ended" or self.coordinator is None:
-            follower.push(self._end_frame_of(record))
-            return
-        # The turn runs in another process: ask its owner to cancel it.
-        received = await self.coordinator.send(record.owner, "cancel", record.user_id, turn_id)
-        if received == 0 and await self.coordinator.leases.claim(record.user_id, turn_id):
-            # Nobody listens on the owner's channel: the process is gone.
-            ended = await end_orphaned_turn(self.store, record, "cancelled")
-            follower.push(self._end_frame_of(ended))
-            return
-        follower.adopt(turn_id, asyncio.get_running_loop().create_task(
-            self.follow_remote(follower, record, record.last_seq, only_end=True),
-            name=f"await end {turn_id}"))
+        await self.distant.cancel(follower, turn_id, self.coordinator)
 
     def on_control(self, op: str, user_id: str, turn_id: str) -> None:
         """A control message from another process about a turn we own."""
@@ -452,7 +379,7 @@ class TurnManager:
         if live is None or live.user_id != user_id:
             return
         if op == "cancel":
-            self._stop(live, Turn.cancel)
+            self._interrupt(live, TurnEvent.CANCEL)
         elif op == "attach":
             live.attachment.join()
             if live.detach_timer is not None:
@@ -480,7 +407,7 @@ class TurnManager:
 
     def _left(self, live: LiveTurn) -> None:
         deadline = live.attachment.leave(now_ms())
-        if deadline is not None and not live.machine.ended:
+        if deadline is not None and live.machine.would_end(TurnEvent.DETACH_EXPIRED, AttachmentState.DETACHED):
             live.detach_timer = asyncio.get_running_loop().call_later(
                 self.policy.detached_grace_ms / 1000.0, self._detach_expired, live)
 
@@ -501,86 +428,7 @@ class TurnManager:
             elif follower not in live.followers:
                 self._join(live, follower)
             return None
-        record = await self.store.get_turn(user_id=follower.user_id, turn_id=turn_id)
-        if record is None:
-            raise NotFound(f"no turn '{turn_id}'", turn_id=turn_id)
-        if record.status == "ended" and not await self.store.log_exists(user_id=follower.user_id,
-                                                                       turn_id=turn_id):
-            if replay:
-                # Guarantee 1: once the delta log has expired, turn.accepted is
-                # followed directly by the turn's end, whose text is the whole reply.
-                follower.push(self._end_frame_of(record))
-                return None
-            raise ResumeExpired(
-                "the turn's delta log has expired; its final text is in 'text'",
-                turn_id=turn_id, text=record.text, finish_reason=record.finish_reason,
-            )
-        return asyncio.get_running_loop().create_task(
-            self._follow_elsewhere(follower, record, after_seq), name=f"follow {turn_id}")
-
-    async def _follow_elsewhere(self, follower: Follower, record: TurnRecord, after_seq: int) -> None:
-        """Follow a turn owned by another process, telling the owner someone is reading."""
-        coordinator = self.coordinator
-        attach: asyncio.Task[int] | None = None
-        if coordinator is not None and record.status == "running":
-            # The attach goes out alongside the first log read rather than before
-            # it: the resuming client waits on the read, the owner only needs to
-            # hear of us before its grace period runs out. It is a task of its own
-            # so that cancelling this follower cannot cut it off half-way.
-            attach = asyncio.get_running_loop().create_task(
-                coordinator.send(record.owner, "attach", record.user_id, record.turn_id),
-                name=f"attach {record.turn_id}")
-        try:
-            await self.follow_remote(follower, record, after_seq)
-        finally:
-            if attach is not None:
-                assert coordinator is not None
-                try:
-                    delivered = await asyncio.shield(attach) > 0
-                except (RapportError, asyncio.CancelledError):
-                    delivered = False
-                # A detach only for an attach the owner got: an unmatched one would
-                # take away another follower's count and let the turn expire under it.
-                if delivered:
-                    with contextlib.suppress(RapportError):
-                        await coordinator.send(record.owner, "detach", record.user_id, record.turn_id)
-
-    async def follow_remote(self, follower: Follower, record: TurnRecord, after_seq: int, *,
-                            only_end: bool = False) -> None:
-        """Follow a turn through its delta log: backlog, then blocking reads until its end."""
-        seq = after_seq
-        entries = await self.store.read_log(user_id=record.user_id, turn_id=record.turn_id,
-                                            after_seq=seq)
-        while True:
-            for entry in entries:
-                if isinstance(entry, LogEnd):
-                    follower.push(entry.end)
-                    return
-                if isinstance(entry, LogDelta) and entry.seq > seq:
-                    if not only_end:
-                        follower.push(frames.turn_delta(record.turn_id, entry.seq, entry.text))
-                    seq = entry.seq
-            entries = await self.store.follow_log(user_id=record.user_id, turn_id=record.turn_id,
-                                                  after_seq=seq,
-                                                  block_ms=self.policy.remote_follow_block_ms)
-            if not entries:
-                current = await self.store.get_turn(user_id=record.user_id, turn_id=record.turn_id)
-                if current is None:
-                    raise NotFound(f"no turn '{record.turn_id}'", turn_id=record.turn_id)
-                if current.status == "ended":
-                    entries = await self.store.read_log(user_id=record.user_id,
-                                                        turn_id=record.turn_id, after_seq=seq)
-                    if not entries:
-                        follower.push(self._end_frame_of(current))
-                        return
-
-    def _end_frame_of(self, record: TurnRecord) -> dict[str, Any]:
-        return frames.turn_end(turn_id=record.turn_id, seq=record.last_seq,
-                               finish_reason=record.finish_reason or "interrupted", text=record.text,
-                               usage=record.usage or {"prompt_tokens": 0, "completion_tokens": 0,
-                                                      "cached_prompt_tokens": 0},
-                               timings=record.timings or {"queue_ms": None, "ttft_ms": None,
-                                                          "total_ms": None})
+        return await self.distant.resume(follower, turn_id, after_seq, self.coordinator, replay=replay)
 
     async def active_turns(self, user_id: str) -> list[dict[str, Any]]:
         records = await self.store.active_turns(user_id=user_id)
@@ -597,13 +445,13 @@ class TurnManager:
         """Stop taking turns; let running ones finish for up to ``drain_s``, then
         end the rest ``interrupted`` and store their partial replies."""
         self._closing = True
-        waiting = [live.done.wait() for live in self.live.values()]
-        if waiting and drain_s > 0:
+        if self.live and drain_s > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_s):
-                    await asyncio.gather(*waiting)
+                    await asyncio.gather(*(live.done.wait() for live in self.live.values()))
         for live in list(self.live.values()):
-            self._stop(live, Turn.engine_failed)
+            # The engine is going away under the turns still running: they end interrupted.
+            self._interrupt(live, TurnEvent.ENGINE_FAILED)
         pending = [live.task for live in self.live.values() if live.task is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

@@ -14,14 +14,29 @@ Every legal move is one row of :data:`TRANSITIONS`; anything else raises
 :class:`IllegalTransition`, which is always a bug in an adapter. The machine
 numbers deltas (``seq`` starts at 1 and grows by one, guarantee 2), keeps the
 text, measures timings from timestamps the caller passes in, and decides the
-finish reason of every ending. Adapters (``server.turn_runner``) feed it engine
-output and socket events and carry out what it returns: send a frame, write the
-delta log, abort the engine request.
+finish reason of every ending. Adapters (``server.turns`` for WebSocket turns,
+``server.openai_api`` for ``POST /v1/chat/completions``) feed it engine output
+and outside events and carry out what it returns: send a frame, write the delta
+log, abort the engine request.
+
+Events from the engine stream (deltas, the engine's finish) arrive in order,
+so one that does not fit the state is a bug. The other ending events are
+*interruptions* (:data:`INTERRUPTING_EVENTS`): the user's cancel, the two
+timers an adapter keeps (the hard deadline, the end of the detached grace
+period), the engine failing or going away at shutdown, an unexpected error.
+They come from outside the stream and race the turn's own progress: a deadline
+timer may fire just as the first token arrives, a cancel just as the engine
+finishes. So :data:`INTERRUPTIONS` has a row for each of them in every state,
+in the style of h11's state tables: either the move to ENDED (the adapter then
+aborts the engine request and carries the ending out), or a row that keeps the
+state, meaning the event came too late and changes nothing. The first
+interruption to arrive ends the turn; later ones find it ENDED.
 
 Whether anybody is watching is a second, orthogonal dimension (guarantee 3: a
 dropped socket is not a cancel). :class:`Attachment` counts followers and, when
 the last one leaves, says by when somebody must come back before the turn is
-ended ``interrupted``.
+ended ``interrupted``. It is part of the key of :data:`INTERRUPTIONS`: the end
+of the grace period only ends a turn that is still detached.
 """
 
 from __future__ import annotations
@@ -64,6 +79,45 @@ TRANSITIONS: dict[tuple[TurnState, TurnEvent], TurnState] = {
     (TurnState.QUEUED, TurnEvent.DEADLINE): TurnState.ENDED,
     **{(TurnState.QUEUED, e): TurnState.ENDED for e in _ENDING_EVENTS},
     **{(TurnState.STREAMING, e): TurnState.ENDED for e in _ENDING_EVENTS},
+}
+
+
+class AttachmentState(enum.Enum):
+    ATTACHED = "attached"  # somebody follows the turn (or an HTTP client waits for it)
+    DETACHED = "detached"  # nobody does; the grace period runs
+
+
+#: Ending events that come from outside the engine stream and so may arrive
+#: when they no longer apply (see "Theory of operation").
+INTERRUPTING_EVENTS = (
+    TurnEvent.CANCEL,
+    TurnEvent.DETACH_EXPIRED,
+    TurnEvent.DEADLINE,
+    TurnEvent.ENGINE_FAILED,
+    TurnEvent.INTERNAL_ERROR,
+)
+
+_RUNNING = (TurnState.QUEUED, TurnState.STREAMING)
+
+#: (state, attachment, interrupting event) -> next state, for every combination.
+#: A row that keeps the state means the event came too late and changes
+#: nothing; a row that moves agrees with :data:`TRANSITIONS`.
+INTERRUPTIONS: dict[tuple[TurnState, AttachmentState, TurnEvent], TurnState] = {
+    # turn.cancel, the engine failing (or going away at shutdown) and our own
+    # unexpected errors end a running turn, followed or not.
+    **{(s, a, e): TurnState.ENDED
+       for s in _RUNNING for a in AttachmentState
+       for e in (TurnEvent.CANCEL, TurnEvent.ENGINE_FAILED, TurnEvent.INTERNAL_ERROR)},
+    # The hard deadline ends a turn still waiting for its first token...
+    **{(TurnState.QUEUED, a, TurnEvent.DEADLINE): TurnState.ENDED for a in AttachmentState},
+    # ...and changes nothing once it streams: the first token came in time.
+    **{(TurnState.STREAMING, a, TurnEvent.DEADLINE): TurnState.STREAMING for a in AttachmentState},
+    # The end of the grace period ends a running turn nobody came back to...
+    **{(s, AttachmentState.DETACHED, TurnEvent.DETACH_EXPIRED): TurnState.ENDED for s in _RUNNING},
+    # ...and changes nothing for one somebody did come back to.
+    **{(s, AttachmentState.ATTACHED, TurnEvent.DETACH_EXPIRED): s for s in _RUNNING},
+    # An ended turn stays as it ended: whatever arrives now raced its end and lost.
+    **{(TurnState.ENDED, a, e): TurnState.ENDED for a in AttachmentState for e in INTERRUPTING_EVENTS},
 }
 
 #: The finish reason each ending event gives (FINISH takes the engine's own).
@@ -200,15 +254,55 @@ class Turn:
     def internal_error(self, now_ms: float, usage: Usage | None = None) -> Ending:
         return self._end(TurnEvent.INTERNAL_ERROR, None, usage, now_ms)
 
+    def engine_stopped(self, finish_reason: str | None, usage: Usage | None, now_ms: float) -> Ending:
+        """The engine stream is over, with the engine's finish reason or none at all.
+
+        Its own ``stop`` or ``length`` is a natural end. Any other reason (vLLM's
+        ``abort``) or none (the stream just stopped) means the engine gave the
+        request up: ENGINE_FAILED, and the turn keeps its partial reply.
+        """
+        if finish_reason in ENGINE_FINISH_REASONS:
+            return self._end(TurnEvent.FINISH, finish_reason, usage, now_ms)
+        return self._end(TurnEvent.ENGINE_FAILED, None, usage, now_ms)
+
+    # ------------------------------------------------------------ interruptions
+
+    def interrupt(self, event: TurnEvent, now_ms: float, usage: Usage | None = None, *,
+                  attachment: AttachmentState = AttachmentState.ATTACHED) -> Ending | None:
+        """An event from outside the engine stream, as :data:`INTERRUPTIONS` decides it.
+
+        Returns the ending when the event ends the turn (the adapter aborts the
+        engine request and carries the ending out), None when it came too late.
+        ``attachment`` is whether anybody follows the turn; an HTTP request is
+        always attached, since its client leaving is a cancel.
+        """
+        if self._interrupted_state(event, attachment) is self.state:
+            return None
+        return self._end(event, None, usage, now_ms)
+
+    def would_end(self, event: TurnEvent, attachment: AttachmentState) -> bool:
+        """Whether ``event`` would end the turn now; an adapter need not arm a
+        timer whose event could only come too late."""
+        return self._interrupted_state(event, attachment) is not self.state
+
+    def _interrupted_state(self, event: TurnEvent, attachment: AttachmentState) -> TurnState:
+        try:
+            return INTERRUPTIONS[(self.state, attachment, event)]
+        except KeyError:
+            raise IllegalTransition(
+                f"turn {self.turn_id}: {event.value} comes from the engine stream, not from outside it"
+            ) from None
+
     def _end(self, event: TurnEvent, engine_reason: str | None, usage: Usage | None,
              now_ms: float) -> Ending:
         self._move(event)
         self.ended_ms = now_ms
         if usage is None:
             usage = Usage(completion_tokens=self.completion_tokens)
-        reason = engine_reason if event is TurnEvent.FINISH else FINISH_REASONS[event]
+        # Only FINISH carries the engine's reason (finish() and engine_stopped() check it).
+        reason = FINISH_REASONS[event] if engine_reason is None else engine_reason
         self.ending = Ending(
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             seq=self.seq,
             text=self.text,
             usage=usage,
@@ -232,11 +326,6 @@ class Turn:
             "ttft_ms": since(self.first_delta_ms),
             "total_ms": since(self.ended_ms),
         }
-
-
-class AttachmentState(enum.Enum):
-    ATTACHED = "attached"
-    DETACHED = "detached"
 
 
 @dataclass(slots=True)

@@ -241,6 +241,47 @@ async def test_bad_bodies_are_400_with_a_clear_message(oai_server, body, mention
     assert mentions in err["message"], err
 
 
+# Bodies the WebSocket's JSON codec already refuses; they used to reach this
+# endpoint's own parser and answer 500 with a traceback.
+HOSTILE_BODIES = [
+    pytest.param(b"[" * 100_000, "JSON object", id="deep-nesting-at-the-top"),
+    pytest.param(b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply",
+                 id="deep-nesting-inside"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate",
+                 id="lone-surrogate-in-content"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "hi \\udfff there"}]}', "lone surrogate",
+                 id="lone-low-surrogate-in-content"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud83d"]}', "lone surrogate",
+                 id="lone-surrogate-in-stop"),
+]
+
+
+@pytest.mark.parametrize(("body", "mentions"), HOSTILE_BODIES)
+async def test_bodies_the_websocket_codec_refuses_are_a_400_here_too(oai_server, body, mentions):
+    headers = {"Authorization": f"Bearer {make_token('hostile-body')}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=oai_server.base, timeout=30) as http:
+        r = await http.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "invalid_request_error"
+        assert err["code"] == "bad_request"
+        assert mentions in err["message"], err
+        assert "Traceback" not in r.text
+        # The server is unharmed: the next request is answered normally.
+        ok = await http.post("/v1/chat/completions", headers=headers,
+                             json={"messages": MESSAGES, "max_tokens": 3})
+        assert ok.status_code == 200, ok.text
+
+
+async def test_a_valid_surrogate_pair_escape_is_still_accepted(oai_server):
+    headers = {"Authorization": f"Bearer {make_token('emoji-body')}", "Content-Type": "application/json"}
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}], "max_tokens": 3}'
+    async with httpx.AsyncClient(base_url=oai_server.base, timeout=30) as http:
+        r = await http.post("/v1/chat/completions", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+
+
 async def test_sdk_sees_bad_requests_as_bad_request_errors(oai_server):
     client = client_for(oai_server)
     with pytest.raises(openai.BadRequestError) as info:
@@ -279,7 +320,7 @@ async def test_a_client_that_disconnects_mid_stream_aborts_the_engine_request(oa
     control_task = asyncio.create_task(read_control())
     leaving = await leaving_client.chat.completions.create(**LONG, stream=True)
     got = 0
-    async for chunk in leaving:
+    async for _chunk in leaving:
         got += 1
         if got == 4:
             break
@@ -354,6 +395,36 @@ async def test_over_the_rate_limit_is_429_with_retry_after(redis_url):
         assert resp.choices[0].message.content
         await client.close()
         await other.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+        clean_prefix(prefix)
+
+
+async def test_no_first_token_within_the_hard_deadline_is_a_503_counted_budget_exceeded(redis_url):
+    """The status is decided at the engine's first event: a request that misses the
+    hard deadline gets an HTTP error (streaming or not), and ends like a turn that
+    missed it, with its engine request aborted."""
+    prefix = f"rapport-test-oai-deadline:{uuid.uuid4().hex[:10]}:"
+    server = ServerProcess(prefix=prefix, extra=["--engine", "simulated", "--sim-ttft-ms", "4000",
+                                                 "--hard-deadline-ms", "300", "--ttft-budget-ms", "100000",
+                                                 "--turns-per-minute", "100000"])
+    await asyncio.to_thread(server.start)
+    try:
+        before = metric(server, "rapport_turns_total", '{finish_reason="budget_exceeded"}')
+        headers = {"Authorization": f"Bearer {make_token('in-a-hurry')}"}
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as http:
+            for stream in (False, True):
+                started = time.monotonic()
+                r = await http.post("/v1/chat/completions", headers=headers,
+                                    json={"messages": MESSAGES, "max_tokens": 5, "stream": stream})
+                assert r.status_code == 503, r.text
+                assert time.monotonic() - started < 2.0  # not the engine's 4 s to a first token
+                err = r.json()["error"]
+                assert err["code"] == "budget_exceeded" and err["type"] == "server_error"
+                assert int(r.headers["retry-after"]) >= 1
+        assert metric(server, "rapport_turns_total", '{finish_reason="budget_exceeded"}') == before + 2
+        # Both engine requests were aborted, not left to produce their first token.
+        await wait_metric(server, "rapport_engine_unfinished_requests", 0, timeout=1.5)
     finally:
         await asyncio.to_thread(server.stop)
         clean_prefix(prefix)

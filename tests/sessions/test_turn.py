@@ -15,6 +15,8 @@ from sessions.turn import (
     ALL_FINISH_REASONS,
     ENGINE_FINISH_REASONS,
     FINISH_REASONS,
+    INTERRUPTING_EVENTS,
+    INTERRUPTIONS,
     TRANSITIONS,
     Attachment,
     AttachmentState,
@@ -558,3 +560,141 @@ def test_zero_grace_expires_at_once() -> None:
     a = Attachment(grace_ms=0)
     assert a.leave(42.0) == 42.0
     assert a.expired(42.0)
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+def test_interruptions_are_every_ending_but_the_engines_own() -> None:
+    assert set(INTERRUPTING_EVENTS) == set(ENDING_EVENTS) - {TurnEvent.FINISH}
+
+
+def test_interruptions_have_a_row_for_every_state_and_attachment() -> None:
+    assert set(INTERRUPTIONS) == set(itertools.product(TurnState, AttachmentState, INTERRUPTING_EVENTS))
+
+
+def test_an_interruption_that_moves_agrees_with_the_lifecycle() -> None:
+    for (state, _, event), after in INTERRUPTIONS.items():
+        if after is not state:
+            assert TRANSITIONS[(state, event)] is after is TurnState.ENDED
+
+
+def test_the_interruptions_that_come_too_late_are_exactly_the_documented_ones() -> None:
+    stale = {(s, a, e) for (s, a, e), after in INTERRUPTIONS.items() if after is s}
+    assert stale == (
+        # The first token came in time.
+        {(TurnState.STREAMING, a, TurnEvent.DEADLINE) for a in AttachmentState}
+        # Somebody came back within the grace period.
+        | {(s, AttachmentState.ATTACHED, TurnEvent.DETACH_EXPIRED)
+           for s in (TurnState.QUEUED, TurnState.STREAMING)}
+        # The turn had already ended.
+        | {(TurnState.ENDED, a, e) for a in AttachmentState for e in INTERRUPTING_EVENTS}
+    )
+
+
+@pytest.mark.parametrize(("state", "attachment", "event"), sorted(
+    INTERRUPTIONS, key=lambda k: (k[0].value, k[1].value, k[2].value)), ids=lambda x: x.value)
+def test_interrupt_does_what_its_row_says(state: TurnState, attachment: AttachmentState,
+                                          event: TurnEvent) -> None:
+    turn = turn_in(state)
+    before = (turn.state, turn.seq, turn.text, turn.ending, turn.ended_ms)
+    assert turn.would_end(event, attachment) is (INTERRUPTIONS[(state, attachment, event)] is not state)
+    ending = turn.interrupt(event, NOW, attachment=attachment)
+    if INTERRUPTIONS[(state, attachment, event)] is state:
+        assert ending is None
+        assert (turn.state, turn.seq, turn.text, turn.ending, turn.ended_ms) == before
+    else:
+        assert ending is not None and turn.ending is ending
+        assert turn.state is TurnState.ENDED and turn.ended_ms == NOW
+        assert ending.finish_reason == FINISH_REASONS[event]
+        assert not turn.would_end(event, attachment)
+
+
+@pytest.mark.parametrize("event", [TurnEvent.DELTA, TurnEvent.FINISH], ids=lambda e: e.value)
+@pytest.mark.parametrize("state", list(TurnState), ids=lambda s: s.value)
+def test_engine_stream_events_are_not_interruptions(state: TurnState, event: TurnEvent) -> None:
+    turn = turn_in(state)
+    with pytest.raises(IllegalTransition):
+        turn.interrupt(event, NOW)
+    with pytest.raises(IllegalTransition):
+        turn.would_end(event, AttachmentState.ATTACHED)
+    assert turn.state is state
+
+
+def test_the_first_interruption_wins() -> None:
+    turn = new_turn()
+    turn.submitted(T0 + 1)
+    cancelled = turn.interrupt(TurnEvent.CANCEL, T0 + 50)
+    assert cancelled is not None and cancelled.finish_reason == "cancelled"
+    # The deadline timer fires a moment later, the server shuts down: nothing changes.
+    assert turn.interrupt(TurnEvent.DEADLINE, T0 + 60) is None
+    assert turn.interrupt(TurnEvent.ENGINE_FAILED, T0 + 70, attachment=AttachmentState.DETACHED) is None
+    assert turn.ending is cancelled and turn.ended_ms == T0 + 50
+    assert cancelled.timings == {"queue_ms": 1.0, "ttft_ms": None, "total_ms": 50.0}
+
+
+def test_a_deadline_after_the_first_token_changes_nothing() -> None:
+    turn = new_turn()
+    turn.delta("hi", 1, T0 + 10)
+    assert not turn.would_end(TurnEvent.DEADLINE, AttachmentState.ATTACHED)
+    assert turn.interrupt(TurnEvent.DEADLINE, T0 + 5000) is None
+    assert turn.state is TurnState.STREAMING
+    assert turn.delta(" there", 1, T0 + 5001) == DeltaOut(2, " there")
+
+
+def test_a_deadline_while_only_empty_deltas_came_ends_the_turn() -> None:
+    turn = new_turn()
+    turn.delta("", 2, T0 + 10)
+    ending = turn.interrupt(TurnEvent.DEADLINE, T0 + 5000)
+    assert ending is not None and ending.finish_reason == "budget_exceeded"
+    assert ending.usage.completion_tokens == 2
+
+
+def test_the_grace_period_ends_only_a_detached_turn() -> None:
+    attachment = Attachment(grace_ms=100)
+    turn = turn_in(TurnState.STREAMING)
+    attachment.leave(T0)
+    attachment.join()  # somebody came back before the timer fired
+    assert turn.interrupt(TurnEvent.DETACH_EXPIRED, T0 + 100, attachment=attachment.state) is None
+    attachment.leave(T0 + 200)
+    assert turn.would_end(TurnEvent.DETACH_EXPIRED, attachment.state)
+    ending = turn.interrupt(TurnEvent.DETACH_EXPIRED, T0 + 300, Usage(5, 1, 0), attachment=attachment.state)
+    assert ending is not None and ending.finish_reason == "interrupted"
+    assert ending.usage == Usage(5, 1, 0) and ending.text == "hello"
+
+
+def test_an_ended_turn_arms_no_grace_period() -> None:
+    turn = turn_in(TurnState.ENDED)
+    assert not turn.would_end(TurnEvent.DETACH_EXPIRED, AttachmentState.DETACHED)
+
+
+# ---------------------------------------------------------------- engine_stopped
+
+
+@pytest.mark.parametrize("reason", ["stop", "length"])
+def test_engine_stopped_with_its_own_reason_is_a_natural_finish(reason: str) -> None:
+    turn = turn_in(TurnState.STREAMING)
+    ending = turn.engine_stopped(reason, Usage(4, 9, 2), NOW)
+    assert ending.finish_reason == reason
+    assert ending.usage == Usage(4, 9, 2)
+    assert turn.state is TurnState.ENDED
+
+
+@pytest.mark.parametrize("reason", ["abort", "error", "cancelled", "", None])
+@pytest.mark.parametrize("state", [TurnState.QUEUED, TurnState.STREAMING], ids=lambda s: s.value)
+def test_engine_stopped_without_a_natural_reason_is_an_engine_failure(reason: str | None,
+                                                                       state: TurnState) -> None:
+    turn = turn_in(state)
+    ending = turn.engine_stopped(reason, None, NOW)
+    assert ending.finish_reason == FINISH_REASONS[TurnEvent.ENGINE_FAILED] == "interrupted"
+    assert ending.text == turn.text
+    assert ending.usage == Usage(completion_tokens=turn.completion_tokens)
+
+
+@pytest.mark.parametrize("reason", ["stop", None])
+def test_engine_stopped_after_the_end_is_illegal(reason: str | None) -> None:
+    turn = turn_in(TurnState.ENDED)
+    first = turn.ending
+    with pytest.raises(IllegalTransition):
+        turn.engine_stopped(reason, Usage(), NOW)
+    assert turn.ending is first

@@ -1,0 +1,350 @@
+"""Turns generating in this process (server/turns.py): the TurnManager feeding the
+pure turn and carrying out what it decides.
+
+In process, with a scripted engine and the real ConversationStore on the Redis
+at 127.0.0.1:6379. The end-to-end behaviour over sockets is in
+test_gateway_turns.py and test_resilience.py; these tests reach the timings
+and races that are hard to arrange from outside: a deadline just missed or just
+met, a cancel before the generation task has run, interruptions that collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from protocol import frames
+from protocol.errors import EngineError, NotFound
+from server.engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, EngineLoad, EngineRequest
+from server.turns import TurnManager, TurnPolicy, now_ms
+from sessions.keys import KeySpace, glob_escape
+from sessions.store import ConversationStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+Script = Callable[[], AsyncIterator[EngineEvent]]
+
+
+class ScriptedEngine(Engine):
+    """Plays a script per request; records which requests ran and which were closed (aborted)."""
+
+    model_name = "scripted"
+    max_model_len = 4096
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.started: list[str] = []
+        self.closed: list[str] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:  # type: ignore[override]
+        self.started.append(request.request_id)
+        try:
+            async for event in self.script():
+                yield event
+        finally:
+            self.closed.append(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=0, waiting=0, max_num_seqs=8)
+
+
+async def forever() -> None:
+    await asyncio.Event().wait()
+
+
+def finish(reason: str = "stop", tokens: int = 2) -> EngineFinish:
+    return EngineFinish(finish_reason=reason, prompt_tokens=7, completion_tokens=tokens, cached_prompt_tokens=4)
+
+
+def scripted(*steps: EngineEvent | float | Callable[[], Awaitable[None]]) -> Script:
+    """Events in order; a number sleeps that many seconds; a callable is awaited."""
+
+    async def script() -> AsyncIterator[EngineEvent]:
+        for step in steps:
+            if isinstance(step, (int, float)):
+                await asyncio.sleep(step)
+            elif callable(step):
+                await step()
+            else:
+                yield step
+
+    return script
+
+
+class Recorder:
+    """A following connection."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.frames: list[dict[str, Any]] = []
+        self.adopted: dict[str, asyncio.Task[None]] = {}
+
+    def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
+        self.frames.append(frame)
+
+    def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
+        self.adopted[turn_id] = task
+
+    def texts(self) -> str:
+        return "".join(f["text"] for f in self.frames if f["type"] == "turn.delta")
+
+    async def delta_count(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while sum(f["type"] == "turn.delta" for f in self.frames) < n:
+                await asyncio.sleep(0.005)
+
+    async def end(self, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while not any(f["type"] == "turn.end" for f in self.frames):
+                await asyncio.sleep(0.005)
+        ends = [f for f in self.frames if f["type"] == "turn.end"]
+        assert len(ends) == 1, ends
+        return ends[0]
+
+
+class Env:
+    def __init__(self, store: ConversationStore) -> None:
+        self.store = store
+        self.managers: list[TurnManager] = []
+
+    def manager(self, script: Script, *, deadline_ms: float = 5000, grace_ms: float = 5000) -> TurnManager:
+        manager = TurnManager(store=self.store, engine=ScriptedEngine(script), policy=TurnPolicy(
+            system_prompt="be kind", max_history_turns=4, detached_grace_ms=grace_ms,
+            hard_deadline_ms=deadline_ms, ttft_budget_ms=2000, default_max_tokens=50, max_tokens_limit=100,
+            default_temperature=0.7, store_retry_s=1.0, remote_follow_block_ms=100))
+        self.managers.append(manager)
+        return manager
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    prefix = f"rapport-test-turns:{uuid.uuid4().hex}:"
+    redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    e = Env(ConversationStore(redis, KeySpace(prefix)))
+    try:
+        yield e
+    finally:
+        for manager in e.managers:
+            await manager.close()
+        keys = [k async for k in redis.scan_iter(match=glob_escape(prefix) + "*", count=1000)]
+        if keys:
+            await redis.unlink(*keys)
+        await redis.aclose()
+
+
+async def start(manager: TurnManager, follower: Recorder, text: str = "hello") -> str:
+    return await manager.start(follower, frames.TurnStart(
+        client_turn_id=uuid.uuid4().hex, text=text, conversation_id="default", options=frames.TurnOptions()),
+        now_ms())
+
+
+def engine_of(manager: TurnManager) -> ScriptedEngine:
+    assert isinstance(manager.engine, ScriptedEngine)
+    return manager.engine
+
+
+async def stored(env: Env, user: str, turn_id: str) -> tuple[str | None, str]:
+    record = await env.store.get_turn(user_id=user, turn_id=turn_id)
+    assert record is not None and record.status == "ended"
+    return record.finish_reason, record.text
+
+
+# ---------------------------------------------------------------- a turn that runs its course
+
+
+async def test_a_turn_streams_its_deltas_and_ends_with_the_engines_reason_and_usage(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("Hel", 1), EngineDelta("", 1), EngineDelta("lo", 1),
+                                   finish("length", tokens=3)))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    end = await alice.end()
+    assert [f["seq"] for f in alice.frames if f["type"] == "turn.delta"] == [1, 2]
+    assert end["finish_reason"] == "length" and end["text"] == "Hello" and end["seq"] == 2
+    assert end["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "cached_prompt_tokens": 4}
+    assert 0 <= end["timings"]["queue_ms"] <= end["timings"]["ttft_ms"] <= end["timings"]["total_ms"]
+    assert await stored(env, "alice", turn_id) == ("length", "Hello")
+    assert turn_id not in manager.live
+
+
+# ---------------------------------------------------------------- the hard deadline
+
+
+async def test_no_first_token_within_the_hard_deadline_ends_budget_exceeded_and_aborts(env: Env) -> None:
+    manager = env.manager(scripted(forever), deadline_ms=80)
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    end = await alice.end()
+    assert end["finish_reason"] == "budget_exceeded"
+    assert end["timings"]["ttft_ms"] is None and end["timings"]["total_ms"] >= 80
+    assert engine_of(manager).closed == [turn_id]  # the engine request was aborted
+    assert await stored(env, "alice", turn_id) == ("budget_exceeded", "")
+
+
+async def test_the_hard_deadline_no_longer_applies_once_the_first_token_came(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("quick", 1), 0.25, EngineDelta(" then slow", 1), finish()),
+                          deadline_ms=80)
+    alice = Recorder("alice")
+    await start(manager, alice)
+    end = await alice.end()
+    assert end["finish_reason"] == "stop" and end["text"] == "quick then slow"
+
+
+# ---------------------------------------------------------------- cancel
+
+
+async def test_cancel_aborts_at_once_and_keeps_the_partial_reply(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("some", 1), EngineDelta(" words", 1), forever))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(2)
+    await manager.cancel(alice, turn_id)
+    end = await alice.end()
+    assert end["finish_reason"] == "cancelled" and end["text"] == "some words" and end["seq"] == 2
+    assert end["usage"]["completion_tokens"] == 2 and end["usage"]["prompt_tokens"] > 0
+    assert engine_of(manager).closed == [turn_id]
+    assert await stored(env, "alice", turn_id) == ("cancelled", "some words")
+
+
+async def test_a_cancel_before_the_generation_task_ran_still_ends_the_turn(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("never sent", 1), finish()))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    # No await in between: the turn's task has not taken its first step yet.
+    await manager.cancel(alice, turn_id)
+    end = await alice.end()
+    assert end["finish_reason"] == "cancelled" and end["text"] == ""
+    assert engine_of(manager).started == []  # nothing reached the engine
+    assert await stored(env, "alice", turn_id) == ("cancelled", "")
+
+
+async def test_the_first_interruption_wins_and_later_ones_change_nothing(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("a", 1), forever), deadline_ms=5000)
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    await manager.cancel(alice, turn_id)
+    manager.on_control("cancel", "alice", turn_id)  # the same cancel, through another process
+    await manager.cancel(alice, turn_id)
+    end = await alice.end()
+    assert end["finish_reason"] == "cancelled"
+    assert await stored(env, "alice", turn_id) == ("cancelled", "a")
+
+
+async def test_another_users_cancel_is_not_theirs_to_make(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("a", 1), 0.1, finish()))
+    alice, mallory = Recorder("alice"), Recorder("mallory")
+    turn_id = await start(manager, alice)
+    manager.on_control("cancel", "mallory", turn_id)
+    with pytest.raises(NotFound):
+        await manager.cancel(mallory, turn_id)
+    assert (await alice.end())["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------- detached turns
+
+
+async def test_a_detached_turn_nobody_resumes_ends_interrupted_after_the_grace(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("partial", 1), forever), grace_ms=80)
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    manager.leave(alice, turn_id)
+    async with asyncio.timeout(5):
+        while turn_id in manager.live:
+            await asyncio.sleep(0.01)
+    assert await stored(env, "alice", turn_id) == ("interrupted", "partial")
+    assert engine_of(manager).closed == [turn_id]
+    assert [f["type"] for f in alice.frames] == ["turn.accepted", "turn.delta"]  # it had left
+
+
+async def test_a_follower_coming_back_within_the_grace_keeps_the_turn_going(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("one", 1), 0.2, EngineDelta(" two", 1), finish()), grace_ms=80)
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    manager.leave(alice, turn_id)
+    back = Recorder("alice")
+    assert await manager.follow(back, turn_id, 0) is None
+    end = await back.end()
+    assert end["finish_reason"] == "stop" and back.texts() == "one two"
+
+
+async def test_a_follower_on_another_process_keeps_a_detached_turn_going(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("one", 1), forever), grace_ms=80)
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    manager.on_control("attach", "alice", turn_id)
+    manager.leave(alice, turn_id)
+    await asyncio.sleep(0.2)  # well past the grace: still followed from elsewhere
+    assert turn_id in manager.live
+    manager.on_control("detach", "alice", turn_id)  # the last follower anywhere went away
+    async with asyncio.timeout(5):
+        while turn_id in manager.live:
+            await asyncio.sleep(0.01)
+    assert await stored(env, "alice", turn_id) == ("interrupted", "one")
+
+
+# ---------------------------------------------------------------- the engine and shutdown
+
+
+async def test_an_engine_failure_ends_the_turn_interrupted_with_its_partial_reply(env: Env) -> None:
+    async def fail() -> None:
+        raise EngineError("the engine process died")
+
+    manager = env.manager(scripted(EngineDelta("half a", 1), fail))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    end = await alice.end()
+    assert end["finish_reason"] == "interrupted" and end["text"] == "half a"
+    assert await stored(env, "alice", turn_id) == ("interrupted", "half a")
+
+
+@pytest.mark.parametrize("last", [finish("abort"), None], ids=["abort-finish", "no-finish"])
+async def test_an_engine_that_gives_the_request_up_ends_it_interrupted(env: Env, last: EngineFinish | None) -> None:
+    steps: list[EngineEvent] = [EngineDelta("so far", 1)] + ([last] if last is not None else [])
+    manager = env.manager(scripted(*steps))
+    alice = Recorder("alice")
+    await start(manager, alice)
+    end = await alice.end()
+    assert end["finish_reason"] == "interrupted" and end["text"] == "so far"
+
+
+async def test_an_unexpected_error_ends_the_turn_error(env: Env) -> None:
+    async def bug() -> None:
+        raise ValueError("a bug")
+
+    manager = env.manager(scripted(EngineDelta("x", 1), bug))
+    alice = Recorder("alice")
+    await start(manager, alice)
+    assert (await alice.end())["finish_reason"] == "error"
+
+
+async def test_shutdown_ends_the_turns_still_running_interrupted(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("cut", 1), forever))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    await manager.close(drain_s=0.05)
+    end = await alice.end()
+    assert end["finish_reason"] == "interrupted" and end["text"] == "cut"
+    assert manager.live == {}
+    assert await stored(env, "alice", turn_id) == ("interrupted", "cut")
