@@ -62,6 +62,16 @@ class EngineFinish:
 EngineEvent = EngineDelta | EngineFinish
 
 
+def finish_reason_from_vllm(vllm_reason: str | None) -> str:
+    """The :class:`EngineFinish` reason of a reply vLLM ended normally.
+
+    "length" stays; "stop" (EOS or a stop string) and "repetition" (vLLM's
+    hallucination guard ended the reply) are both a normal end of the reply.
+    vLLM's "abort" and "error" are the adapters' to handle before this.
+    """
+    return "length" if vllm_reason == "length" else "stop"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLoad:
     """A snapshot of the engine's scheduler, for admission control and metrics."""

@@ -1,45 +1,27 @@
-"""A pool of OpenAI-compatible vLLM servers (``--engine remote``).
+"""The remote engine (``--engine remote``): turns streamed from a pool of vLLM OpenAI servers.
 
 :class:`RemoteEngine` streams each turn from one of several vLLM OpenAI
-servers (``python -m vllm.entrypoints.openai.api_server ...``) over HTTP.
+servers (``python -m vllm.entrypoints.openai.api_server ...``) over HTTP. The
+pieces it puts together:
 
-Replicas
+- :mod:`server.engines.replicas`: the pool, its health state and the
+  user-sticky rendezvous routing (a user stays on the replica whose prefix
+  cache holds the conversation);
+- :mod:`server.engines.replica_health`: the health task that checks, warms up
+  and scrapes the replicas;
+- :mod:`server.engines.chat_completions`: one streamed chat completion from
+  one replica;
+- :mod:`server.engines.chat_template`: exact token counts, when the model's
+  tokenizer is on this machine.
+
+Failover
 --------
-Upstream URLs are base URLs (``http://10.0.0.5:8000``, with or without a
-trailing ``/v1``). Start the replicas with ``--enable-prompt-tokens-details``:
-without it vLLM leaves ``usage.prompt_tokens_details.cached_tokens`` out and
-every turn reports 0 cached prompt tokens. Every replica must serve the same
-model under the same served name.
-
-Health
-------
-One background task owned by the engine checks every replica each
-``health_interval_s``: ``GET /health`` (200 = up), and, once, ``GET /v1/models``
-for the served model name and its ``max_model_len``. A replica is *routable*
-when its last health check passed, its model card matched and it has finished
-one warm-up generation (a few tokens, once per replica). A request that fails
-on a replica (connection refused or reset, 5xx, a stream cut short, an error
-event) marks that replica down at once; the next passing health check brings
-it back. The same task scrapes ``/metrics`` (``vllm:num_requests_running``,
-``vllm:num_requests_waiting``) so :meth:`RemoteEngine.load` also sees requests
-other gateways sent. A replica that stops answering while streams are open is
-not cut off by the health check: those streams end with their own transport
-error or read timeout (``request_timeout_s`` between two chunks).
-
-Routing
--------
-Rendezvous (highest-random-weight) hashing on the request's ``user_id``
-(``request_id`` when there is none): every replica gets the weight
-``blake2b(user_id, replica URL)`` and the user's turns go to the routable
-replica with the highest weight. A user therefore stays on one replica, whose
-prefix cache holds the conversation so far, for as long as it is up; when it
-is down the user's turns go to the next-highest routable replica, and come
-back once it recovers. Adding or losing a replica only moves that replica's
-users. If the chosen replica fails *before any text was produced* (connection
+If the chosen replica fails *before any text was produced* (connection
 refused, 5xx), the request moves on to the next replica in the user's order
 without the caller noticing; after text was produced the turn fails with
 :class:`protocol.errors.EngineError` (the turn manager ends it ``interrupted``
-and keeps the partial reply).
+and keeps the partial reply). Either way the failed replica is marked down
+until its next passing health check.
 
 Streams and aborts
 ------------------
@@ -63,13 +45,8 @@ model's chat template. Otherwise it falls back to the base class's estimate.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import os
-import statistics
 import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -84,91 +61,23 @@ from server.engines.base import (
     EngineLoad,
     EngineRequest,
     SamplingOptions,
+    finish_reason_from_vllm,
 )
+from server.engines.chat_completions import (
+    UpstreamFailed,
+    chat_completion_body,
+    stream_chat_completion,
+)
+from server.engines.chat_template import ChatTemplate, load_local_chat_template
+from server.engines.latency import RecentLatency
+from server.engines.replica_health import ReplicaMonitor
+from server.engines.replicas import Replica, ReplicaPool, ServedModel
 from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
 
-#: How many recent requests the TTFT / inter-token medians cover.
-RECENT_WINDOW = 64
 #: Batch capacity assumed per replica when the caller gives none (vLLM's default).
 DEFAULT_MAX_NUM_SEQS = 256
-#: How many request -> replica records :meth:`RemoteEngine.served_by` keeps.
-ROUTING_MEMORY = 4096
-#: Longest a warm-up generation may take on a cold CPU replica.
-WARMUP_TIMEOUT_S = 180.0
-
-
-def normalize_upstream(url: str) -> str:
-    """``http://host:port[/prefix][/v1][/]`` -> ``http://host:port[/prefix]``."""
-    base = url.strip().rstrip("/")
-    if not base:
-        raise ValueError("an upstream URL is empty")
-    if "://" not in base:
-        base = "http://" + base
-    base = base.removesuffix("/v1")
-    return base
-
-
-def rendezvous_weight(key: str, replica: str) -> int:
-    """The stable highest-random-weight score of ``replica`` for ``key``."""
-    digest = hashlib.blake2b(
-        key.encode("utf-8", "surrogatepass") + b"\x00" + replica.encode("utf-8"), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "big")
-
-
-def rendezvous_order(key: str, replicas: Sequence[str]) -> list[str]:
-    """``replicas`` from the key's most to least preferred."""
-    return sorted(replicas, key=lambda r: (rendezvous_weight(key, r), r), reverse=True)
-
-
-class _UpstreamFailed(Exception):
-    """One attempt on one replica failed; ``down`` says whether to blame the replica."""
-
-    def __init__(self, message: str, *, down: bool) -> None:
-        super().__init__(message)
-        self.down = down
-
-
-class Replica:
-    """One upstream vLLM server, as this engine sees it."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.healthy = False
-        self.model_ok = False  # its model card listed the served model
-        self.warmed = False
-        self.max_model_len: int | None = None
-        self.last_error: str | None = None
-        self.down_since: float | None = time.monotonic()
-        self.requests = 0  # generation requests routed here (warm-up excluded)
-        self.failures = 0
-        self.inflight = 0  # this engine's open streams on the replica
-        self.upstream_running: int | None = None  # from /metrics
-        self.upstream_waiting: int | None = None
-        self.others_running: int | None = None  # upstream_running minus ours, at the scrape
-        self.metrics_at = 0.0
-        self.warm_task: asyncio.Task[None] | None = None
-
-    @property
-    def routable(self) -> bool:
-        return self.healthy and self.model_ok and self.warmed
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "routable": self.routable,
-            "healthy": self.healthy,
-            "warmed": self.warmed,
-            "requests": self.requests,
-            "failures": self.failures,
-            "inflight": self.inflight,
-            "upstream_running": self.upstream_running,
-            "upstream_waiting": self.upstream_waiting,
-            "others_running": self.others_running,
-            "last_error": self.last_error,
-        }
 
 
 class _Stream:
@@ -227,6 +136,27 @@ class _Stream:
             task.cancel()
         return task
 
+    def interrupt(self, error: EngineError | None) -> asyncio.Task[None] | None:
+        """End the request for its consumer: aborted (``error`` None) or failed with ``error``.
+
+        A request that already finished or failed keeps that outcome. Stops
+        the pump and wakes the consumer; returns the pump task to await.
+        """
+        if self.finish is None and self.error is None:
+            if error is None:
+                self.aborted = True
+            else:
+                self.error = error
+        task = self.stop()
+        self.event.set()
+        return task
+
+    def on_token(self, text: str) -> None:
+        self.chunks += 1
+        self.tokens += 1
+        if text:
+            self.push(text)
+
     def push(self, text: str) -> None:
         now = time.monotonic()
         if self.t_first is None:
@@ -235,10 +165,6 @@ class _Stream:
         self.pieces.append(text)
         self.produced = True
         self.event.set()
-
-
-def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
 
 
 class RemoteEngine(Engine):
@@ -274,16 +200,10 @@ class RemoteEngine(Engine):
         scrape_metrics: bool = True,
         start_timeout_s: float | None = None,
     ) -> None:
-        urls = list(dict.fromkeys(normalize_upstream(u) for u in upstreams))
-        if not urls:
-            raise ValueError("the remote engine needs at least one upstream URL")
+        self._pool = ReplicaPool(upstreams)
         if health_interval_s <= 0 or request_timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError("intervals and timeouts must be positive")
-        self.replicas: list[Replica] = [Replica(u) for u in urls]
-        self._by_url = {r.url: r for r in self.replicas}
-        self._model_arg = model or None
-        self._served_name: str | None = None
-        self._model_root: str | None = None
+        self._model = ServedModel(model)
         self._max_model_len_arg = max_model_len or None
         if max_model_len:
             self.max_model_len = int(max_model_len)
@@ -293,31 +213,38 @@ class RemoteEngine(Engine):
         self.connect_timeout_s = float(connect_timeout_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_num_seqs = int(max_num_seqs or DEFAULT_MAX_NUM_SEQS)
-        self._scrape = bool(scrape_metrics)
         self._start_timeout_s = start_timeout_s
+        self._monitor = ReplicaMonitor(
+            self._pool,
+            self._model,
+            warm_up=self._warm_up,
+            on_model_card=self._adopt_model_card,
+            interval_s=self.health_interval_s,
+            connect_timeout_s=self.connect_timeout_s,
+            scrape_metrics=bool(scrape_metrics),
+        )
 
         self._client: httpx.AsyncClient | None = None
-        self._health_task: asyncio.Task[None] | None = None
-        self._routable_event: asyncio.Event | None = None
         self._started = False
         self._closed = False
-        self._tokenizer: Any = None
+        self._template: ChatTemplate | None = None
         #: Where the local tokenizer came from (None: token counts are estimates).
         self.tokenizer_source: str | None = None
-        self._thinking_switch = False
 
         self._streams: dict[str, set[_Stream]] = {}
-        self._served_by: OrderedDict[str, str] = OrderedDict()
-        self._recent_ttft_ms: deque[float] = deque(maxlen=RECENT_WINDOW)
-        self._recent_itl_ms: deque[float] = deque(maxlen=RECENT_WINDOW)
+        self._latency = RecentLatency()
         #: Seconds :meth:`start` took, for logs and tests.
         self.start_seconds: float | None = None
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self._pool.replicas
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def ready(self) -> bool:
-        return self._started and not self._closed and any(r.routable for r in self.replicas)
+        return self._started and not self._closed and self._pool.any_routable()
 
     async def start(self) -> None:
         """Discover the model, start the health task, warm up; returns once a replica is routable."""
@@ -333,12 +260,8 @@ class RemoteEngine(Engine):
                 # Upstreams are internal addresses: never through an HTTP proxy from the environment.
                 trust_env=False,
             )
-        self._routable_event = asyncio.Event()
-        if self._health_task is None or self._health_task.done():
-            self._health_task = asyncio.get_running_loop().create_task(
-                self._health_loop(), name="remote-engine-health"
-            )
-        waited = asyncio.ensure_future(self._routable_event.wait())
+        self._monitor.start(self._client)
+        waited = asyncio.ensure_future(self._monitor.routable.wait())
         try:
             while True:
                 budget = 15.0
@@ -347,51 +270,55 @@ class RemoteEngine(Engine):
                     if budget <= 0:
                         raise Unavailable(
                             f"no upstream became ready in {self._start_timeout_s:.0f}s: "
-                            + "; ".join(f"{r.url}: {r.last_error or 'starting'}" for r in self.replicas)
+                            + self._pool.describe("starting")
                         )
                 done, _ = await asyncio.wait({waited}, timeout=budget)
                 if done:
                     break
-                log.info("remote engine waiting for an upstream: %s",
-                         "; ".join(f"{r.url}: {r.last_error or 'warming up'}" for r in self.replicas))
+                log.info("remote engine waiting for an upstream: %s", self._pool.describe("warming up"))
         finally:
             waited.cancel()
-        self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
+        # Loading a tokenizer reads files for a while: not on the event loop.
+        self._use_chat_template(await asyncio.to_thread(
+            load_local_chat_template, (self._model.requested, self._model.root, self._model.served_name)
+        ))
         self._started = True
         self.start_seconds = time.monotonic() - t0
         log.info(
             "remote engine ready: model=%s max_model_len=%d routable=%s tokenizer=%s in %.1fs",
             self.model_name, self.max_model_len,
-            [r.url for r in self.replicas if r.routable],
-            "local" if self._tokenizer is not None else "estimate", self.start_seconds,
+            [r.url for r in self._pool if r.routable],
+            "local" if self._template is not None else "estimate", self.start_seconds,
         )
 
     async def close(self) -> None:
         """Stop the health task, fail open streams with EngineError, close the HTTP client."""
         self._closed = True
         self._started = False
-        tasks: list[asyncio.Task[Any]] = []
-        owned = [self._health_task, *(r.warm_task for r in self.replicas)]
-        self._health_task = None
-        for r in self.replicas:
-            r.warm_task = None
-        for task in owned:
-            if task is not None and not task.done():
-                task.cancel()
-                tasks.append(task)
-        for streams in list(self._streams.values()):
-            for st in streams:
-                if st.error is None and st.finish is None:
-                    st.error = EngineError("the remote engine is closing")
-                task = st.stop()
-                if task is not None:
-                    tasks.append(task)
-                st.event.set()
-        if tasks:
-            await asyncio.wait(tasks)
+        closing = EngineError("the remote engine is closing")
+        pumps = [st.interrupt(closing) for streams in list(self._streams.values()) for st in streams]
+        await self._monitor.close()
+        await _wait_all(pumps)
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+    def _adopt_model_card(self) -> None:
+        """A replica's model card matched: take its served name and the pool's context window."""
+        if self._model.served_name is not None:
+            self.model_name = self._model.served_name
+        max_model_len = self._pool.max_model_len(self._max_model_len_arg)
+        if max_model_len:
+            self.max_model_len = max_model_len
+
+    async def _warm_up(self, replica: Replica) -> None:
+        """One short generation on ``replica`` (the health monitor's warm-up); raises UpstreamFailed."""
+        request = EngineRequest(
+            request_id=f"rapport-warmup-{time.monotonic_ns()}",
+            messages=(ChatMessage("user", "Say hello."),),
+            sampling=SamplingOptions(temperature=0.0, max_tokens=2),
+        )
+        await self._attempt(replica, _Stream(request, key=""))
 
     # ------------------------------------------------------------------ routing
 
@@ -400,241 +327,45 @@ class RemoteEngine(Engine):
 
     def preference(self, user_id: str) -> list[str]:
         """Every replica URL, from this user's most to least preferred (health ignored)."""
-        return rendezvous_order(user_id, [r.url for r in self.replicas])
+        return self._pool.preference(user_id)
 
     def replica_for(self, user_id: str) -> str | None:
         """The replica this user's next turn goes to (None when none is routable)."""
-        for url in self.preference(user_id):
-            if self._by_url[url].routable:
-                return url
-        return None
+        replica = self._pool.pick(user_id)
+        return replica.url if replica is not None else None
 
     def served_by(self, request_id: str) -> str | None:
         """The replica that served (or is serving) a recent request."""
-        return self._served_by.get(request_id)
+        return self._pool.served_by(request_id)
 
     def request_counts(self) -> dict[str, int]:
         """Generation requests sent to each replica (warm-ups excluded)."""
-        return {r.url: r.requests for r in self.replicas}
+        return self._pool.request_counts()
 
     def replica_stats(self) -> list[dict[str, Any]]:
-        return [r.snapshot() for r in self.replicas]
-
-    def _pick(self, key: str, tried: set[str]) -> Replica | None:
-        for url in rendezvous_order(key, [r.url for r in self.replicas]):
-            replica = self._by_url[url]
-            if url not in tried and replica.routable:
-                return replica
-        return None
-
-    def _mark_down(self, replica: Replica, reason: str) -> None:
-        replica.last_error = reason
-        if replica.healthy:
-            replica.healthy = False
-            replica.down_since = time.monotonic()
-            log.warning("upstream %s marked down: %s", replica.url, reason)
-
-    def _mark_up(self, replica: Replica) -> None:
-        if not replica.healthy:
-            replica.healthy = True
-            replica.last_error = None
-            was = replica.down_since
-            replica.down_since = None
-            if replica.routable:
-                log.info("upstream %s is up%s", replica.url,
-                         f" after {time.monotonic() - was:.1f}s down" if was else "")
-
-    # ------------------------------------------------------------------ health
-
-    async def _health_loop(self) -> None:
-        while True:
-            try:
-                await asyncio.gather(*(self._check(r) for r in self.replicas))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("remote engine health round failed")
-            await asyncio.sleep(self.health_interval_s)
-
-    async def _check(self, replica: Replica) -> None:
-        client = self._client
-        if client is None:
-            return
-        timeout = httpx.Timeout(max(5.0, self.connect_timeout_s), connect=self.connect_timeout_s)
-        try:
-            resp = await client.get(replica.url + "/health", timeout=timeout)
-            if resp.status_code != 200:
-                raise _UpstreamFailed(f"/health answered {resp.status_code}", down=True)
-            if not replica.model_ok:
-                await self._discover(replica, timeout)
-        except (httpx.HTTPError, _UpstreamFailed, ValueError) as exc:
-            self._mark_down(replica, _describe(exc))
-            return
-        self._mark_up(replica)
-        if not replica.warmed and (replica.warm_task is None or replica.warm_task.done()):
-            replica.warm_task = asyncio.get_running_loop().create_task(
-                self._warm_up(replica), name=f"remote-engine-warmup {replica.url}"
-            )
-        if self._scrape:
-            await self._scrape_metrics(replica, timeout)
-
-    async def _discover(self, replica: Replica, timeout: httpx.Timeout) -> None:
-        """Read the replica's model card; pick the served name if not chosen yet."""
-        assert self._client is not None
-        resp = await self._client.get(replica.url + "/v1/models", timeout=timeout)
-        if resp.status_code != 200:
-            raise _UpstreamFailed(f"/v1/models answered {resp.status_code}", down=True)
-        cards = [c for c in resp.json().get("data") or () if isinstance(c, dict) and c.get("id")]
-        if not cards:
-            raise _UpstreamFailed("/v1/models lists no model", down=True)
-        card = self._match_card(cards)
-        if card is None:
-            names = ", ".join(str(c["id"]) for c in cards)
-            raise _UpstreamFailed(
-                f"serves {names}, not {self._served_name or self._model_arg}", down=True
-            )
-        if self._served_name is None:
-            self._served_name = str(card["id"])
-            self.model_name = self._served_name
-            root = card.get("root")
-            self._model_root = str(root) if root else None
-        card_len = card.get("max_model_len")
-        if isinstance(card_len, int) and card_len > 0:
-            replica.max_model_len = card_len
-        self._update_max_model_len()
-        replica.model_ok = True
-        log.info("upstream %s serves %s (max_model_len=%s)", replica.url, card["id"],
-                 replica.max_model_len)
-
-    def _match_card(self, cards: list[dict[str, Any]]) -> dict[str, Any] | None:
-        wanted = self._served_name or self._model_arg
-        if wanted is None:
-            return cards[0]
-        for card in cards:
-            if card["id"] == wanted:
-                return card
-        if self._served_name is None:
-            # A model folder given as --model: match the card's root path.
-            norm = os.path.normpath(wanted)
-            for card in cards:
-                root = card.get("root")
-                if root and os.path.normpath(str(root)) == norm:
-                    return card
-        return None
-
-    def _update_max_model_len(self) -> None:
-        lens = [r.max_model_len for r in self.replicas if r.max_model_len]
-        if self._max_model_len_arg:
-            lens.append(self._max_model_len_arg)
-        if lens:
-            self.max_model_len = min(lens)
-
-    async def _warm_up(self, replica: Replica) -> None:
-        request = EngineRequest(
-            request_id=f"rapport-warmup-{time.monotonic_ns()}",
-            messages=(ChatMessage("user", "Say hello."),),
-            sampling=SamplingOptions(temperature=0.0, max_tokens=2),
-        )
-        st = _Stream(request, key="")
-        t0 = time.monotonic()
-        try:
-            await asyncio.wait_for(self._attempt(replica, st), WARMUP_TIMEOUT_S)
-        except (_UpstreamFailed, TimeoutError) as exc:
-            self._mark_down(replica, f"warm-up failed: {_describe(exc)}")
-            return
-        except Exception as exc:
-            log.exception("warm-up on %s failed", replica.url)
-            self._mark_down(replica, f"warm-up failed: {_describe(exc)}")
-            return
-        replica.warmed = True
-        log.info("upstream %s warmed up in %.2fs", replica.url, time.monotonic() - t0)
-        if replica.routable and self._routable_event is not None:
-            self._routable_event.set()
-
-    async def _scrape_metrics(self, replica: Replica, timeout: httpx.Timeout) -> None:
-        assert self._client is not None
-        try:
-            resp = await self._client.get(replica.url + "/metrics", timeout=timeout)
-            if resp.status_code != 200:
-                return
-            running, waiting = parse_vllm_load(resp.text)
-        except httpx.HTTPError:
-            return
-        replica.upstream_running = running
-        replica.upstream_waiting = waiting
-        # What other clients run there; this engine's own share is counted live.
-        replica.others_running = max(0, running - replica.inflight) if running is not None else None
-        replica.metrics_at = time.monotonic()
+        return self._pool.snapshots()
 
     # ------------------------------------------------------------------ tokens
 
-    def _load_tokenizer(self) -> Any:
-        candidates: list[tuple[str, bool]] = []
-        for path in (self._model_arg, self._model_root):
-            if path and os.path.isdir(path):
-                candidates.append((path, False))
-        for name in (self._model_arg, self._model_root, self._served_name):
-            if name and not os.path.isdir(name):
-                candidates.append((name, True))
-        if not candidates:
-            return None
-        try:
-            from transformers import AutoTokenizer
-        except Exception as exc:  # noqa: BLE001 - no transformers: estimate instead
-            log.info("transformers is unavailable (%s); token counts are estimates", exc)
-            return None
-        for name, cache_only in dict.fromkeys(candidates):
-            try:
-                tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
-            except Exception:
-                log.debug("no tokenizer at %s", name, exc_info=True)
-                continue
-            if getattr(tok, "chat_template", None):
-                self._thinking_switch = "enable_thinking" in str(tok.chat_template)
-                self.tokenizer_source = name
-                log.info("remote engine counts tokens with the tokenizer from %s", name)
-                return tok
-        log.info("no local tokenizer for %s; token counts are estimates", self.model_name)
-        return None
+    def _use_chat_template(self, loaded: tuple[ChatTemplate, str] | None) -> None:
+        if loaded is None:
+            log.info("no local tokenizer for %s; token counts are estimates", self.model_name)
+            return
+        self._template, self.tokenizer_source = loaded
+        log.info("remote engine counts tokens with the tokenizer from %s", self.tokenizer_source)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Exact with a locally loaded tokenizer, else the base class's estimate."""
-        tok = self._tokenizer
-        if tok is None:
+        template = self._template
+        if template is None:
             return super().count_tokens(messages)
-        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
-        if self._thinking_switch:
-            kwargs["enable_thinking"] = False
         try:
-            text = tok.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], **kwargs
-            )
-            return len(tok.encode(text, add_special_tokens=False))
+            return template.count_tokens(messages)
         except Exception:
             log.debug("chat template failed; estimating tokens", exc_info=True)
             return super().count_tokens(messages)
 
     # ------------------------------------------------------------------ generation
-
-    def _body(self, request: EngineRequest) -> dict[str, Any]:
-        s = request.sampling
-        body: dict[str, Any] = {
-            "model": self._served_name or self._model_arg,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": False},
-            "chat_template_kwargs": {"enable_thinking": s.enable_thinking},
-        }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.ignore_eos:
-            body["ignore_eos"] = True
-        return body
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         """Stream one reply from the user's replica; see the module docstring."""
@@ -671,50 +402,39 @@ class RemoteEngine(Engine):
                 if not streams:
                     self._streams.pop(request.request_id, None)
             # Cancelling the pump closes the HTTP response: vLLM aborts the request.
-            task = st.stop()
-            if task is not None:
-                await asyncio.wait({task})
+            await _wait_all([st.stop()])
 
     async def abort(self, request_id: str) -> None:
         """Close the request's upstream stream; its generator returns without a finish."""
-        tasks = []
-        for st in list(self._streams.get(request_id, ())):
-            if st.finish is None and st.error is None:
-                st.aborted = True
-            task = st.stop()
-            if task is not None:
-                tasks.append(task)
-            st.event.set()
-        if tasks:
-            await asyncio.wait(tasks)
+        await _wait_all([st.interrupt(None) for st in list(self._streams.get(request_id, ()))])
 
     async def _pump(self, st: _Stream) -> None:
         """Run the request on the user's replica, moving on while nothing was produced."""
         tried: set[str] = set()
         try:
             while True:
-                replica = self._pick(st.key, tried)
+                replica = self._pool.pick(st.key, tried)
                 if replica is None:
-                    detail = "; ".join(f"{r.url}: {r.last_error or 'not ready'}"
-                                       for r in self.replicas if not r.routable)
+                    detail = self._pool.describe("not ready", unroutable_only=True)
                     st.error = EngineError(f"no upstream can take the request ({detail})")
                     return
                 tried.add(replica.url)
                 replica.requests += 1
-                self._remember(st.request.request_id, replica.url)
+                self._pool.remember(st.request.request_id, replica.url)
                 try:
                     await self._attempt(replica, st)
-                except _UpstreamFailed as exc:
+                except UpstreamFailed as exc:
                     if exc.down:
                         replica.failures += 1
-                        self._mark_down(replica, str(exc))
+                        self._pool.mark_down(replica, str(exc))
                     if exc.down and not st.produced:
                         log.info("request %s: %s failed before any output (%s); trying the next upstream",
                                  st.request.request_id, replica.url, exc)
                         continue
                     st.error = EngineError(f"upstream {replica.url} failed: {exc}")
                     return
-                self._record(st)
+                if st.finish is not None:
+                    self._latency.add_stream(st.t_start, st.t_first, st.t_last, st.finish.completion_tokens)
                 return
         except asyncio.CancelledError:
             raise
@@ -725,103 +445,35 @@ class RemoteEngine(Engine):
             st.done = True
             st.event.set()
 
-    def _remember(self, request_id: str, url: str) -> None:
-        self._served_by[request_id] = url
-        self._served_by.move_to_end(request_id)
-        while len(self._served_by) > ROUTING_MEMORY:
-            self._served_by.popitem(last=False)
-
     async def _attempt(self, replica: Replica, st: _Stream) -> None:
         """Stream the request from one replica into ``st``; sets ``st.finish`` on success.
 
-        Raises _UpstreamFailed. Cancellation closes the response (``async with``).
+        Raises UpstreamFailed. Cancellation closes the response.
         """
         client = self._client
         if client is None:
-            raise _UpstreamFailed("the remote engine is closed", down=False)
+            raise UpstreamFailed("the remote engine is closed", down=False)
         st.replica = replica
         st.chunks = 0
         if not st.produced:
             st.tokens = 0  # empty chunks of a failed earlier attempt
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
-        replica.inflight += 1
-        try:
-            async with client.stream(
-                "POST", replica.url + "/v1/chat/completions", json=self._body(st.request)
-            ) as resp:
-                if resp.status_code != 200:
-                    raw = await resp.aread()
-                    message = _error_message(raw) or resp.reason_phrase
-                    raise _UpstreamFailed(f"HTTP {resp.status_code}: {message}",
-                                          down=resp.status_code >= 500)
-                complete = False
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        complete = True
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError as exc:
-                        raise _UpstreamFailed(f"bad event {data[:80]!r}", down=True) from exc
-                    if not isinstance(chunk, dict):
-                        continue
-                    if chunk.get("error"):
-                        raise _UpstreamFailed(f"error event: {_error_text(chunk['error'])}", down=True)
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or ():
-                        delta = choice.get("delta") or {}
-                        content = delta.get("content")
-                        # The opening chunk carries the role and no token.
-                        if not ("role" in delta and not content):
-                            st.chunks += 1
-                            st.tokens += 1
-                        if content:
-                            st.push(content)
-                        if choice.get("finish_reason"):
-                            finish_reason = str(choice["finish_reason"])
-                if not complete and finish_reason is None:
-                    raise _UpstreamFailed("the stream ended before the reply finished", down=True)
-        except httpx.TimeoutException as exc:
-            if finish_reason is None:
-                raise _UpstreamFailed(f"timed out ({_describe(exc)})", down=True) from exc
-        except httpx.HTTPError as exc:
-            # Connection refused / reset, incomplete chunked body: the replica is gone.
-            if finish_reason is None:
-                raise _UpstreamFailed(_describe(exc), down=True) from exc
-            self._mark_down(replica, f"connection lost after the reply: {_describe(exc)}")
-        finally:
-            replica.inflight -= 1
-        if finish_reason is None:
-            raise _UpstreamFailed("the stream ended without a finish reason", down=True)
-        if finish_reason in ("abort", "error"):
-            raise _UpstreamFailed(f"the upstream ended the request ({finish_reason})", down=False)
-        usage = usage or {}
-        details = usage.get("prompt_tokens_details") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
+        body = chat_completion_body(st.request, self._model.request_name)
+        with replica.stream_open():
+            end = await stream_chat_completion(client, replica.url, body, st)
+        if end.connection_error is not None:
+            self._pool.mark_down(replica, f"connection lost after the reply: {end.connection_error}")
+        if end.given_up:
+            # Not the replica's fault: only this request failed.
+            raise UpstreamFailed(f"the upstream ended the request ({end.finish_reason})", down=False)
         st.finish = EngineFinish(
-            finish_reason=_finish_reason(finish_reason),
-            prompt_tokens=int(prompt_tokens) if isinstance(prompt_tokens, int)
+            finish_reason=finish_reason_from_vllm(end.finish_reason),
+            prompt_tokens=end.prompt_tokens if end.prompt_tokens is not None
             else self.count_tokens(st.request.messages),
-            completion_tokens=int(completion) if isinstance(completion, int) else st.chunks,
-            cached_prompt_tokens=int(details.get("cached_tokens") or 0)
-            if isinstance(details, dict) else 0,
+            completion_tokens=end.completion_tokens if end.completion_tokens is not None else st.chunks,
+            cached_prompt_tokens=end.cached_prompt_tokens,
             engine_ttft_ms=(st.t_first - st.t_start) * 1000.0 if st.t_first is not None else None,
         )
         st.event.set()
-
-    def _record(self, st: _Stream) -> None:
-        if st.t_first is None or st.finish is None:
-            return
-        self._recent_ttft_ms.append((st.t_first - st.t_start) * 1000.0)
-        n = st.finish.completion_tokens
-        if st.t_last is not None and n > 1 and st.t_last > st.t_first:
-            self._recent_itl_ms.append((st.t_last - st.t_first) * 1000.0 / (n - 1))
 
     # ------------------------------------------------------------------ load
 
@@ -832,82 +484,27 @@ class RemoteEngine(Engine):
         plus what other clients ran there at the last ``/metrics`` scrape
         (``vllm:num_requests_running`` minus this engine's streams at that
         moment); ``waiting`` is the scraped ``vllm:num_requests_waiting`` (0 when
-        unknown). Scraped numbers older than three health intervals are ignored. ``max_num_seqs`` is the per-replica capacity times the number of
+        unknown). Scraped numbers older than three health intervals are ignored.
+        ``max_num_seqs`` is the per-replica capacity times the number of
         routable replicas.
         """
-        now = time.monotonic()
-        fresh_s = 3 * self.health_interval_s + 1.0
-        running = waiting = 0
-        live = 0
-        for r in self.replicas:
-            fresh = self._scrape and r.metrics_at and now - r.metrics_at <= fresh_s
-            others = r.others_running if fresh and r.others_running is not None else 0
-            if r.routable:
-                live += 1
-                running += r.inflight + others
-                if fresh and r.upstream_waiting is not None:
-                    waiting += r.upstream_waiting
-            else:
-                running += r.inflight
+        scraped_max_age_s = 3 * self.health_interval_s + 1.0 if self._monitor.scrape_metrics else None
+        pool = self._pool.load(time.monotonic(), scraped_max_age_s)
         return EngineLoad(
-            running=running,
-            waiting=waiting,
-            max_num_seqs=self._max_num_seqs * max(1, live),
-            recent_ttft_ms=statistics.median(self._recent_ttft_ms) if self._recent_ttft_ms else None,
-            recent_itl_ms=statistics.median(self._recent_itl_ms) if self._recent_itl_ms else None,
+            running=pool.running,
+            waiting=pool.waiting,
+            max_num_seqs=self._max_num_seqs * max(1, pool.routable),
+            recent_ttft_ms=self._latency.ttft_ms(),
+            recent_itl_ms=self._latency.itl_ms(),
         )
 
     def inflight(self) -> int:
         """Streams this engine has open right now."""
-        return sum(r.inflight for r in self.replicas)
+        return self._pool.inflight()
 
 
-def parse_vllm_load(text: str) -> tuple[int | None, int | None]:
-    """``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` from a /metrics page.
-
-    Summed over engines (data-parallel servers report one series each).
-    """
-    running: float | None = None
-    waiting: float | None = None
-    for line in text.splitlines():
-        if not line.startswith("vllm:num_requests_"):
-            continue
-        name, _, rest = line.partition("{")
-        if not rest:
-            name, _, value_text = line.partition(" ")
-        else:
-            value_text = rest.rpartition("}")[2]
-        try:
-            value = float(value_text.split()[0])
-        except (ValueError, IndexError):
-            continue
-        if name == "vllm:num_requests_running":
-            running = (running or 0.0) + value
-        elif name == "vllm:num_requests_waiting":
-            waiting = (waiting or 0.0) + value
-    return (int(running) if running is not None else None,
-            int(waiting) if waiting is not None else None)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
-
-
-def _error_message(raw: bytes) -> str:
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return raw[:300].decode("utf-8", "replace")
-    if isinstance(body, dict):
-        if "error" in body:
-            return _error_text(body["error"])[:300]
-        if "message" in body:
-            return str(body["message"])[:300]
-    return str(body)[:300]
+async def _wait_all(tasks: Sequence[asyncio.Task[None] | None]) -> None:
+    """Wait until every one of ``tasks`` (None: nothing to wait for) has ended."""
+    running = {task for task in tasks if task is not None}
+    if running:
+        await asyncio.wait(running)

@@ -40,7 +40,6 @@ import logging
 import math
 import random
 import re
-import statistics
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
@@ -55,6 +54,7 @@ from server.engines.base import (
     EngineRequest,
     SamplingOptions,
 )
+from server.engines.latency import RECENT_WINDOW, RecentLatency
 from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 16
 #: Upper end of the deterministic reply length when ``reply_tokens`` is unset.
 DEFAULT_MAX_REPLY_TOKENS = 60
-#: How many recent samples the TTFT / step-time medians look at.
-RECENT_WINDOW = 64
 
 # The simulated tokeniser: runs of up to 6 word characters, or one punctuation
 # character. Whitespace is not a token. Every text this engine emits
@@ -270,8 +268,8 @@ class SimulatedEngine(Engine):
 
         self._cache: OrderedDict[int, None] = OrderedDict()
 
-        self._recent_ttft: deque[float] = deque(maxlen=RECENT_WINDOW)
-        self._recent_step: deque[float] = deque(maxlen=RECENT_WINDOW)
+        # Engine TTFTs, and simulated step times as the inter-token latency.
+        self._latency = RecentLatency()
         self._recent_reply: deque[int] = deque(maxlen=RECENT_WINDOW)
         self._steps = 0
         self._late_steps = 0
@@ -395,8 +393,8 @@ class SimulatedEngine(Engine):
             running=len(self._running),
             waiting=len(self._waiting),
             max_num_seqs=self.max_num_seqs,
-            recent_ttft_ms=statistics.median(self._recent_ttft) if self._recent_ttft else None,
-            recent_itl_ms=statistics.median(self._recent_step) if self._recent_step else None,
+            recent_ttft_ms=self._latency.ttft_ms(),
+            recent_itl_ms=self._latency.itl_ms(),
         )
 
     # --------------------------------------------------------------- extras
@@ -660,7 +658,7 @@ class SimulatedEngine(Engine):
             if seq.emitted == 1:
                 seq.ttft_ms = (now - seq.submitted_at) * 1000.0
                 if not seq.warmup:
-                    self._recent_ttft.append(seq.ttft_ms)
+                    self._latency.add_ttft_ms(seq.ttft_ms)
             if caching:
                 self._cache_token(seq, token)
             if seq.emitted >= seq.target:
@@ -704,7 +702,7 @@ class SimulatedEngine(Engine):
                 self._steps += 1
                 # The simulated step time (catch-up steps after a stall would
                 # otherwise drag a wall-clock median towards zero).
-                self._recent_step.append(step_ms)
+                self._latency.add_itl_ms(step_ms)
                 self._emit(end)
                 prev_due = due
         except asyncio.CancelledError:

@@ -27,9 +27,7 @@ import inspect
 import json
 import logging
 import os
-import statistics
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +42,14 @@ from server.engines.base import (
     EngineLoad,
     EngineRequest,
     SamplingOptions,
+    finish_reason_from_vllm,
 )
+from server.engines.chat_template import ChatTemplate, template_text
+from server.engines.latency import RecentLatency
 from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
 
-#: How many recent requests the TTFT / inter-token medians cover.
-RECENT_WINDOW = 64
 #: Default KV cache size on CPU hosts (GiB), unless VLLM_CPU_KVCACHE_SPACE is set.
 DEFAULT_CPU_KVCACHE_GIB = "1"
 #: Default batch capacity if neither the caller nor vLLM's config gives one.
@@ -106,15 +105,6 @@ def _make_stat_logger_factory(view: _SchedulerView):
     return factory
 
 
-def _finish_reason(vllm_reason: str | None) -> str:
-    """vLLM's finish reasons mapped onto the protocol's."""
-    if vllm_reason == "length":
-        return "length"
-    # "stop" (EOS or a stop string) and "repetition" (vLLM's hallucination
-    # guard ended the reply) are both a normal end of the reply.
-    return "stop"
-
-
 class VllmEngine(Engine):
     """vLLM's AsyncLLM in this process (engine core in a child process)."""
 
@@ -138,9 +128,7 @@ class VllmEngine(Engine):
             self.max_model_len = max_model_len
 
         self._llm: Any = None
-        self._tokenizer: Any = None
-        self._template_kwargs: dict[str, Any] = {}
-        self._thinking_switch = False
+        self._template: ChatTemplate | None = None
         self._ready = False
         self._closing = False
         self._max_num_seqs = max_num_seqs or _FALLBACK_MAX_NUM_SEQS
@@ -149,8 +137,7 @@ class VllmEngine(Engine):
         self._active: dict[str, int] = {}
         # Ids aborted through abort(); their "abort" finish is expected.
         self._aborted: set[str] = set()
-        self._recent_ttft_ms: deque[float] = deque(maxlen=RECENT_WINDOW)
-        self._recent_itl_ms: deque[float] = deque(maxlen=RECENT_WINDOW)
+        self._latency = RecentLatency()
         self._prompt_tokens_total = 0
         self._cached_tokens_total = 0
         #: Seconds :meth:`start` took (engine build + warm-up), for logs and tests.
@@ -227,9 +214,8 @@ class VllmEngine(Engine):
             self._max_num_seqs = int(
                 getattr(cfg.scheduler_config, "max_num_seqs", None) or self._max_num_seqs
             )
-            self._tokenizer = await self._load_tokenizer()
-            template = self._chat_template_text()
-            self._thinking_switch = "enable_thinking" in template
+            tokenizer = await self._load_tokenizer()
+            self._template = ChatTemplate(tokenizer, template_text(tokenizer, self._model))
             await self._warm_up()
         except BaseException:
             await self._shutdown_engine()
@@ -255,23 +241,6 @@ class VllmEngine(Engine):
         from transformers import AutoTokenizer
 
         return await asyncio.to_thread(AutoTokenizer.from_pretrained, self._model)
-
-    def _chat_template_text(self) -> str:
-        template = getattr(self._tokenizer, "chat_template", None)
-        if isinstance(template, dict):
-            return "\n".join(str(v) for v in template.values())
-        if template:
-            return str(template)
-        # Some tokenizer wrappers do not expose the template; read the folder's.
-        folder = Path(self._model)
-        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-            try:
-                text = (folder / name).read_text(encoding="utf-8")
-            except OSError:
-                continue
-            if name != "tokenizer_config.json" or "chat_template" in text:
-                return text
-        return ""
 
     async def _warm_up(self) -> None:
         request = EngineRequest(
@@ -335,23 +304,10 @@ class VllmEngine(Engine):
 
     # ------------------------------------------------------------------ prompts
 
-    def _render(self, messages: Sequence[ChatMessage], enable_thinking: bool) -> str:
-        if self._tokenizer is None:
-            raise Unavailable("the vLLM engine is not started")
-        kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
-        if self._thinking_switch:
-            kwargs["enable_thinking"] = enable_thinking
-        convo = [{"role": m.role, "content": m.content} for m in messages]
-        return self._tokenizer.apply_chat_template(convo, **kwargs)
-
-    def _encode(self, prompt: str) -> list[int]:
-        # The chat template already wrote every special token (BOS included).
-        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
-
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        if self._tokenizer is None:
+        if self._template is None:
             return super().count_tokens(messages)
-        return len(self._encode(self._render(messages, enable_thinking=False)))
+        return self._template.count_tokens(messages)
 
     @staticmethod
     def _engine_prompt(token_ids: list[int], text: str) -> Any:
@@ -372,9 +328,11 @@ class VllmEngine(Engine):
             raise Unavailable("the vLLM engine is not running")
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        if self._template is None:
+            raise Unavailable("the vLLM engine is not started")
         s = request.sampling
-        prompt = self._render(request.messages, s.enable_thinking)
-        token_ids = self._encode(prompt)
+        prompt = self._template.render(request.messages, s.enable_thinking)
+        token_ids = self._template.encode(prompt)
         if len(token_ids) >= self.max_model_len:
             raise TooLarge(
                 f"the conversation is {len(token_ids)} tokens; the model's context holds "
@@ -449,7 +407,7 @@ class VllmEngine(Engine):
                     raise EngineError(why)
                 reason = "abort"
             else:
-                reason = _finish_reason(vllm_reason)
+                reason = finish_reason_from_vllm(vllm_reason)
             if record:
                 self._record(t_start, t_first, t_last, sent_tokens, prompt_tokens, cached)
             # Tokens that never produced text (the end-of-sequence token, a
@@ -484,15 +442,18 @@ class VllmEngine(Engine):
                 except Exception:
                     log.debug("abort of %s failed", rid, exc_info=True)
 
-    def _record(self, t_start, t_first, t_last, completion_tokens, prompt_tokens, cached) -> None:
+    def _record(
+        self,
+        t_start: float,
+        t_first: float | None,
+        t_last: float | None,
+        completion_tokens: int,
+        prompt_tokens: int,
+        cached: int,
+    ) -> None:
         self._prompt_tokens_total += prompt_tokens
         self._cached_tokens_total += cached
-        if t_first is not None:
-            self._recent_ttft_ms.append((t_first - t_start) * 1000.0)
-            if t_last is not None and completion_tokens > 1 and t_last > t_first:
-                # The first delta carries one token after prefill; the rest
-                # arrived between the first and the last delta.
-                self._recent_itl_ms.append((t_last - t_first) * 1000.0 / (completion_tokens - 1))
+        self._latency.add_stream(t_start, t_first, t_last, completion_tokens)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is None:
@@ -517,8 +478,8 @@ class VllmEngine(Engine):
             running=running,
             waiting=waiting,
             max_num_seqs=self._max_num_seqs,
-            recent_ttft_ms=statistics.median(self._recent_ttft_ms) if self._recent_ttft_ms else None,
-            recent_itl_ms=statistics.median(self._recent_itl_ms) if self._recent_itl_ms else None,
+            recent_ttft_ms=self._latency.ttft_ms(),
+            recent_itl_ms=self._latency.itl_ms(),
         )
 
     def scheduler_stats(self) -> dict[str, float]:

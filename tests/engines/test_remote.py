@@ -39,22 +39,18 @@ vllm = pytest.importorskip(
     "vllm", reason="vLLM is not installed or does not import; run scripts/install-vllm.sh VENV_DIR"
 )
 
-from conftest import REDIS_URL, ServerProcess, clean_prefix, free_port
+from conftest import REDIS_URL, ServerProcess, clean_prefix, free_port  # noqa: E402
 
-from protocol.errors import EngineError
-from server.engines.base import (
+from protocol.errors import EngineError  # noqa: E402
+from server.engines.base import (  # noqa: E402
     ChatMessage,
     EngineDelta,
     EngineFinish,
     EngineRequest,
     SamplingOptions,
 )
-from server.engines.remote import (
-    RemoteEngine,
-    normalize_upstream,
-    parse_vllm_load,
-    rendezvous_order,
-)
+from server.engines.remote import RemoteEngine  # noqa: E402
+from server.engines.replica_health import parse_vllm_load  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -256,37 +252,6 @@ def user_preferring(engine: RemoteEngine, url: str, tag: str) -> str:
         if engine.preference(user)[0] == url:
             return user
     raise AssertionError("no user prefers " + url)
-
-
-# ---------------------------------------------------------------- no servers needed
-
-
-def test_rendezvous_moves_only_the_lost_replicas_users():
-    replicas = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
-    users = [f"user-{i}" for i in range(300)]
-    before = {u: rendezvous_order(u, replicas)[0] for u in users}
-    # Stable across calls (and processes: blake2b, not the salted hash()).
-    assert before == {u: rendezvous_order(u, replicas)[0] for u in users}
-    assert len(set(before.values())) == 3
-    after = {u: rendezvous_order(u, replicas[:2])[0] for u in users}
-    for u in users:
-        if before[u] != replicas[2]:
-            assert after[u] == before[u]
-        else:  # its users go to their second choice
-            assert after[u] == rendezvous_order(u, replicas)[1]
-    assert normalize_upstream("http://h:1/v1/") == normalize_upstream("h:1") == "http://h:1"
-
-
-def test_parse_vllm_load():
-    text = (
-        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-        'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'
-        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
-        'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
-        'vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 9.0\n'
-    )
-    assert parse_vllm_load(text) == (3, 3)
-    assert parse_vllm_load("") == (None, None)
 
 
 # ---------------------------------------------------------------- real servers

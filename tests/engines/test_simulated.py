@@ -275,7 +275,7 @@ async def test_cancellation_frees_slot():
         second_started = asyncio.Event()
 
         async def consume_second():
-            async for event in engine.generate(make_request("second")):
+            async for _event in engine.generate(make_request("second")):
                 second_started.set()
 
         task = asyncio.create_task(consume_second())
@@ -416,9 +416,9 @@ async def test_estimate_ttft_grows_with_queue():
         estimates = [engine.estimate_ttft_ms(100)]
         for i in range(4):
             tasks.append(asyncio.create_task(collect(engine, make_request(f"q{i}"))))
-            await wait_for(lambda: engine.load().waiting == i + 1)
+            await wait_for(lambda i=i: engine.load().waiting == i + 1)
             estimates.append(engine.estimate_ttft_ms(100))
-        assert all(b > a for a, b in zip(estimates, estimates[1:]))
+        assert all(b > a for a, b in zip(estimates, estimates[1:], strict=False))
         # Two full generations (400 tokens each, ~20 ms a step) ahead of the last one.
         assert estimates[-1] > 2 * 400 * 20.0 * 0.9
         await cancel_all(tasks)
