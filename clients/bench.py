@@ -12,7 +12,17 @@ user (no background task per connection) so the client is not the bottleneck.
 This module is the command line and the parent process; the figures and the
 table are :mod:`clients.bench_report`'s.
 ``--idle N`` also opens N connections that only answer pings (the
-many-idle-connections measurement).
+many-idle-connections measurement). ``--open-loop-rate R`` replaces the
+users' closed loop by Poisson arrivals at R turn.starts/s over a pool of
+``--users`` connections, each turn a new conversation, a refusal not retried
+(the overload measurement: offered load that does not slow down when the
+server does). ``--turn-rows`` puts one row per completed turn in the JSON
+(send time, client and server TTFTs, turn time, deltas), with the moment of
+every gap and refusal, for analyses over time.
+
+A program can drive a run itself: :func:`run_bench` takes :class:`RunHooks`,
+told when the workers start and called periodically in the parent while they
+run (to sample the server, or to end an idle hold).
 
 Every figure is taken on the client's monotonic clock:
 
@@ -22,7 +32,11 @@ Every figure is taken on the client's monotonic clock:
   reported too);
 * gap between deltas (not across a reconnect), and turn time (``turn.start``
   to ``turn.end``);
-* the server's own ``turn.end.timings`` and client-minus-server TTFT.
+* the server's own ``turn.end.timings``, client-minus-server TTFT and the
+  gateway's overhead: client TTFT minus the engine's own
+  (``timings.engine_ttft_ms``);
+* how long a ``busy`` / ``rate_limited`` answer took, and each worker's
+  event-loop lag (a saturated client inflates its own figures).
 
 Correctness is checked on every turn: seq starts at 1 and grows by 1 (gaps and
 duplicates are counted), the deltas concatenate to ``turn.end.text``, and the
@@ -44,38 +58,53 @@ import queue as queue_mod
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .bench_report import (
     PlotUnavailable,
     build_report,
     check_plotting,
+    finite_or_none,
     format_table,
     histogram,
-    merge_results,
     progress_line,
     write_plot,
 )
+from .bench_stats import merge_results
 from .bench_workers import DEFAULT_URL, PROMPTS, BenchConfig, worker_main
 from .target import default_jwt_secret, normalize_url
 
 # PROMPTS and normalize_url stay importable from here for the scripts under bench/.
-__all__ = ["PROMPTS", "BenchConfig", "add_bench_arguments", "bench_command", "config_from_args", "main",
-           "normalize_url", "run_bench"]
+__all__ = ["PROMPTS", "BenchConfig", "RunHooks", "add_bench_arguments", "bench_command", "config_from_args",
+           "main", "normalize_url", "run_bench"]
 
 
-def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str, Any]:
+@dataclass
+class RunHooks:
+    """What a program driving :func:`run_bench` is told, in the parent process."""
+
+    #: Called once, with the monotonic time the workers were told to go (every connection open).
+    on_start: Callable[[float], None] | None = None
+    #: Called every ``tick_s`` while the workers run, with the seconds since the start; True ends the
+    #: run (the users start no new turn, idle connections are closed): the end of an idle hold.
+    on_tick: Callable[[float], bool | None] | None = None
+    tick_s: float = 1.0
+
+
+def run_bench(cfg: BenchConfig, *, err: Any = None, hooks: RunHooks | None = None) -> dict[str, Any]:
     """Run the benchmark; the report (as written with --json)."""
-    out = out or sys.stdout
     err = err or sys.stderr
+    hooks = hooks or RunHooks()
     ctx = mp.get_context("spawn")
     report = ctx.Queue()
     go = ctx.Event()
+    stop = ctx.Event()
     n = max(1, cfg.processes)
     assignments = [list(range(w, cfg.users, n)) for w in range(n)]
     idles = [cfg.idle // n + (1 if w < cfg.idle % n else 0) for w in range(n)]
-    procs = [ctx.Process(target=worker_main, args=(asdict(cfg), w, assignments[w], idles[w], report, go),
+    procs = [ctx.Process(target=worker_main, args=(asdict(cfg), w, assignments[w], idles[w], report, go, stop),
                          name=f"rapport-bench-{w}", daemon=True) for w in range(n)]
     for p in procs:
         p.start()
@@ -86,7 +115,7 @@ def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str
     failures: dict[int, str] = {}
     ready: set[int] = set()
     started: float | None = None
-    last_line = 0.0
+    last_line = last_tick = 0.0
     t_setup = time.monotonic()
     try:
         while len(results) + len(failures) < n:
@@ -103,6 +132,8 @@ def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str
                                   f"{f', {cfg.idle} idle connection(s) opened' if cfg.idle else ''}; "
                                   f"running {cfg.users} user(s) x {cfg.turns} turn(s)\n")
                     go.set()
+                    if hooks.on_start is not None:
+                        hooks.on_start(started)
             elif kind == "progress":
                 ttfts.extend(payload.pop("ttft"))
                 snaps[w] = payload
@@ -119,6 +150,11 @@ def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str
                     if report.empty():
                         failures[i] = f"worker exited with {procs[i].exitcode}"
             now = time.monotonic()
+            if (hooks.on_tick is not None and started is not None and not stop.is_set()
+                    and now - last_tick >= hooks.tick_s):
+                last_tick = now
+                if hooks.on_tick(now - started):
+                    stop.set()
             if cfg.progress and started is not None and now - last_line >= 1.0:
                 last_line = now
                 line = progress_line(now - started, snaps, ttfts)
@@ -131,6 +167,7 @@ def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str
         raise
     finally:
         go.set()
+        stop.set()
         for p in procs:
             p.join(10)
             if p.is_alive():
@@ -141,8 +178,9 @@ def run_bench(cfg: BenchConfig, *, out: Any = None, err: Any = None) -> dict[str
         err.write("\n")
     for w, tb in sorted(failures.items()):
         err.write(f"rapport bench: worker {w} failed:\n{tb}\n")
-    series, counts, errors, finish = merge_results([results[w] for w in sorted(results)])
-    return build_report(cfg, elapsed, series, counts, errors, finish, failed_workers=len(failures))
+    merged = merge_results([results[w] for w in sorted(results)])
+    return build_report(cfg, elapsed, merged, failed_workers=len(failures), start=started,
+                        setup_s=None if started is None else started - t_setup)
 
 
 # ---------------------------------------------------------------------------
@@ -153,7 +191,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a = parser.add_argument
     a("--url", default=DEFAULT_URL, help=f"server WebSocket URL, or http://host:port (default {DEFAULT_URL})")
     a("--users", type=int, default=10, help="simulated users, each on its own connection (default 10)")
-    a("--turns", type=int, default=3, help="turns per user (default 3)")
+    a("--turns", type=int, default=3, help="turns per user; 0: until --duration-s (default 3)")
     a("--think-ms", type=float, default=1000.0,
       help="think time between a user's turns; each pause is uniform in 0.5x..1.5x (default 1000)")
     a("--ramp-s", type=float, default=0.0, help="start users evenly over this many seconds (default 0)")
@@ -170,6 +208,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--dev-users", action="store_true", help="development mode: name users in hello.user, no token")
     a("--processes", type=int, default=1, help="worker processes the users are split over (default 1)")
     a("--idle", type=int, default=0, help="extra connections that only answer pings (default 0)")
+    a("--open-loop-rate", type=float, default=None, metavar="PER_S",
+      help="open loop: turn.starts arrive at this rate (Poisson) for --duration-s over a pool of --users "
+           "connections, each a new conversation; a refusal is not retried")
+    a("--turn-rows", action="store_true",
+      help="put one row per completed turn, and when each gap and refusal happened, in the JSON")
     a("--budget-ms", type=float, default=2000.0, help="first-token budget to count misses against (default 2000)")
     a("--conversation-id", default="bench", help="conversation id the users talk in (default 'bench')")
     a("--turn-timeout-s", type=float, default=120.0, help="give up a turn silent this long (default 120)")
@@ -184,8 +227,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    if args.users < 0 or args.turns < 1 or args.processes < 1 or args.idle < 0:
-        raise ValueError("--users and --idle must be >= 0, --turns and --processes >= 1")
+    if args.users < 0 or args.turns < 0 or args.processes < 1 or args.idle < 0:
+        raise ValueError("--users, --turns and --idle must be >= 0, --processes >= 1")
+    if (args.turns == 0 or args.open_loop_rate) and not args.duration_s:
+        raise ValueError("--turns 0 and --open-loop-rate need --duration-s")
+    if args.open_loop_rate is not None and (args.open_loop_rate <= 0 or args.users < 1):
+        raise ValueError("--open-loop-rate must be > 0, over a pool of --users >= 1 connections")
     if not 0.0 <= args.drop_rate <= 1.0:
         raise ValueError("--drop-rate must be within 0..1")
     if args.users == 0 and not args.idle:
@@ -205,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dev_users=args.dev_users, processes=args.processes, idle=args.idle, budget_ms=args.budget_ms,
         conversation_id=args.conversation_id, turn_timeout_s=args.turn_timeout_s,
         max_retries=args.max_retries, deflate=args.deflate, seed=args.seed, progress=args.progress,
+        open_loop_rate=args.open_loop_rate, turn_rows=args.turn_rows,
     )
 
 
@@ -228,7 +276,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.json_path:
         report["ttft_histogram_ms"] = histogram(samples["ttft"])
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+            json.dump(finite_or_none(report), f, indent=2)
             f.write("\n")
     completed = report["counts"]["turns_completed"]
     if not report["protocol_ok"] or (cfg.users and completed == 0) or report["failed_workers"]:

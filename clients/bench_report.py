@@ -1,22 +1,23 @@
-"""What ``rapport bench`` reports: merged figures, the table, the JSON histogram, the TTFT plot.
+"""What ``rapport bench`` reports: the figures, the table, the JSON histogram, the TTFT plot.
 
-Pure functions over what the workers (:mod:`clients.bench_workers`) measured;
-every percentile is :func:`clients.percentiles.percentile`'s.
+Pure functions over what the workers (:mod:`clients.bench_workers`) measured,
+merged (:mod:`clients.bench_stats`); every percentile is
+:func:`clients.percentiles.percentile`'s.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from array import array
-from collections import Counter
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from .bench_workers import COUNTS, SERIES, BenchConfig
+from .bench_stats import COUNTS, SERIES, TURN_COLUMNS, MergedStats
+from .bench_workers import BenchConfig
 from .percentiles import percentile, summarize
 
-__all__ = ["PlotUnavailable", "build_report", "check_plotting", "format_table", "histogram", "merge_results",
+__all__ = ["PlotUnavailable", "build_report", "check_plotting", "finite_or_none", "format_table", "histogram",
            "progress_line", "write_plot"]
 
 SERIES_LABELS = {
@@ -26,8 +27,12 @@ SERIES_LABELS = {
     "turn": "turn time",
     "server_ttft": "server timings.ttft_ms",
     "server_queue": "server timings.queue_ms",
+    "server_engine_ttft": "server engine_ttft_ms",
     "server_total": "server timings.total_ms",
     "ttft_diff": "client - server TTFT",
+    "overhead": "client - engine TTFT",
+    "busy_latency": "busy / rate_limited answer",
+    "loop_lag": "client event-loop lag",
 }
 
 
@@ -44,24 +49,6 @@ def check_plotting() -> None:
         raise PlotUnavailable(PLOT_INSTALL_HINT)
 
 
-def merge_results(results: list[dict[str, Any]]) -> tuple[dict[str, array[float]], Counter[str], Counter[str],
-                                                         Counter[str]]:
-    """The workers' exported Stats, added up."""
-    series: dict[str, array[float]] = {name: array("d") for name in SERIES}
-    counts: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    finish: Counter[str] = Counter()
-    for r in results:
-        for name, raw in r["series"].items():
-            a = array("d")
-            a.frombytes(raw)
-            series[name].extend(a)
-        counts.update(r["counts"])
-        errors.update(r["errors"])
-        finish.update(r["finish"])
-    return series, counts, errors, finish
-
-
 def progress_line(elapsed: float, snaps: dict[int, dict[str, Any]], ttfts: list[float]) -> str:
     """The live line on stderr: turns done and active, p50 TTFT of the last interval, refusals."""
     done = sum(s["done"] for s in snaps.values())
@@ -75,9 +62,11 @@ def progress_line(elapsed: float, snaps: dict[int, dict[str, Any]], ttfts: list[
             f"busy {busy:5d}  rate_limited {limited:4d}  errors {errors:4d}")
 
 
-def build_report(cfg: BenchConfig, elapsed: float, series: dict[str, array[float]], counts: Counter[str],
-                 errors: Counter[str], finish: Counter[str], failed_workers: int = 0) -> dict[str, Any]:
-    c = {name: int(counts.get(name, 0)) for name in COUNTS}
+def build_report(cfg: BenchConfig, elapsed: float, merged: MergedStats, failed_workers: int = 0, *,
+                 start: float | None = None, setup_s: float | None = None) -> dict[str, Any]:
+    """Every figure of the run; ``start`` is the monotonic time the workers were told to go."""
+    series = merged.series
+    c = {name: int(merged.counts.get(name, 0)) for name in COUNTS}
     protocol_ok = (c["seq_gaps"] == 0 and c["seq_duplicates"] == 0 and c["text_mismatches"] == 0
                    and c["deltas_received"] == c["end_seq_total"])
     return {
@@ -85,17 +74,42 @@ def build_report(cfg: BenchConfig, elapsed: float, series: dict[str, array[float
         "elapsed_s": elapsed,
         "latency_ms": {name: summarize(series[name]) for name in SERIES},
         "counts": c,
-        "errors": dict(errors),
-        "finish_reasons": dict(finish),
+        "errors": dict(merged.errors),
+        "error_messages": dict(merged.error_messages),
+        "finish_reasons": dict(merged.finish),
         "all_deltas_delivered": c["deltas_received"] == c["end_seq_total"],
         "protocol_ok": protocol_ok,
         "failed_workers": failed_workers,
+        "start_monotonic": start,
+        "setup_s": setup_s,
+        "client_cpu_s": merged.cpu_s,
         "throughput": {
             "turns_per_s": c["turns_completed"] / elapsed if elapsed > 0 else 0.0,
             "deltas_per_s": c["deltas_received"] / elapsed if elapsed > 0 else 0.0,
         },
         "_samples": {"ttft": list(series["ttft"]), "server_ttft": list(series["server_ttft"])},
+        **(_timelines(merged, start or 0.0) if cfg.turn_rows else {}),
     }
+
+
+def _timelines(merged: MergedStats, start: float) -> dict[str, Any]:
+    """One row per completed turn (``sent_s`` from the start); each gap and refusal with when it happened."""
+    turns = {name: list(merged.turns[name]) for name in TURN_COLUMNS if name != "sent_at"}
+    turns["sent_s"] = [t - start for t in merged.turns["sent_at"]]
+    return {"turns": turns,
+            "timed": {name: {"ms": list(merged.series[name]), "at_s": [t - start for t in at]}
+                      for name, at in merged.moments.items()}}
+
+
+def finite_or_none(obj: Any) -> Any:
+    """The report with NaN and infinities as None, so that its JSON is strict."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def _fmt(v: float | int | None) -> str:
@@ -132,13 +146,18 @@ def format_table(report: dict[str, Any]) -> str:
         ("deltas received / end seq", f"{c['deltas_received']} / {c['end_seq_total']}  ({delivered})"),
         ("seq gaps / duplicates", f"{c['seq_gaps']} / {c['seq_duplicates']}"),
         ("text mismatches", str(c["text_mismatches"])),
-        ("connects (failed, 4429)", f"{c['connects']} ({c['connect_failures']}, {c['closed_4429']})"),
+        ("connects (failed, 4429)", f"{c['connects']} ({c['connect_failures']}, {c['closed_4429']})"
+                                    + (f"; {c['hello_errors']} error(s) before ready" if c["hello_errors"] else "")),
         ("throughput", f"{report['throughput']['turns_per_s']:.2f} turns/s, "
                        f"{report['throughput']['deltas_per_s']:.1f} deltas/s"),
     ]
+    if cfg["open_loop_rate"]:
+        rows.append(("open-loop arrivals", f"{c['arrivals']} ({c['no_free_connection']} found no free connection, "
+                                           f"{c['unfinished']} unfinished at the end)"))
     if cfg["idle"]:
         rows.append(("idle connections", f"{c['idle_open']} open, {c['idle_failed']} failed, "
                                          f"{c['idle_lost']} lost"))
+    rows.append(("client CPU", f"{report['client_cpu_s']:.1f} s"))
     lines.append("")
     lines.extend(f"{k:<28}{v}" for k, v in rows)
     return "\n".join(lines)

@@ -5,37 +5,46 @@ task per connection) driven by :meth:`Worker.run_turn`, which measures every
 turn on the client's monotonic clock and checks the protocol's guarantees on
 it (seq without gaps or duplicates, deltas concatenating to ``turn.end.text``,
 every generated delta delivered). The parent process (:mod:`clients.bench`)
-starts the workers and merges what they measured.
+starts the workers and merges what they measured (:mod:`clients.bench_stats`).
+
+Load comes in two shapes: closed loop (each user waits for its reply and
+thinks before the next turn) or, with ``open_loop_rate``, open loop (turns
+arrive as a Poisson process whatever the server does, each a new conversation
+on a free connection of the pool, a refusal not retried), the shape that
+shows what admission control does under overload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import math
 import random
 import time
 import traceback
 import uuid
-from array import array
-from collections import Counter
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from protocol import client_frames, close_codes
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 
+from .bench_stats import Stats
 from .driver import Driver
 from .errors import ClientError, ConnectionLost, credentials_refused
 from .retry import advised_delay, backoff_delay, retry
 from .target import mint_token, normalize_url
 
-__all__ = ["COUNTS", "DEFAULT_URL", "PROMPTS", "SERIES", "BenchConfig", "Stats", "UserConn", "Worker",
-           "worker_main"]
+__all__ = ["DEFAULT_URL", "PROMPTS", "BenchConfig", "UserConn", "Worker", "worker_main"]
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/ws"
 CLIENT_NAME = "rapport-bench"
 CONNECT_TRIES = 6  # an app's patience: 0.5 + 1 + 2 + 4 + 8 s of backoff windows at most
 RECONNECTS_PER_TURN = 5
-IDLE_OPENING_AT_ONCE = 200  # idle connections being opened at once
+OPENING_AT_ONCE = 200  # idle or pooled connections being opened at once
+LAG_PERIOD_S = 0.05  # how often the event loop's lateness is sampled
 
 PROMPTS = (
     "I had a long day at work. Can you cheer me up a little?",
@@ -50,23 +59,11 @@ PROMPTS = (
     "What's a good book to read on a quiet evening?",
 )
 
-# Latency series collected per turn (milliseconds).
-SERIES = ("ttft", "ttft_with_retries", "gap", "turn", "server_ttft", "server_queue", "server_total",
-          "ttft_diff")
-COUNTS = (
-    "turns_planned", "turns_started", "turns_completed", "turns_failed", "busy", "rate_limited",
-    "gave_up", "errors", "interrupted", "budget_misses", "dropped", "resumed", "connection_lost",
-    "deltas_received", "end_seq_total", "seq_gaps", "seq_duplicates", "text_mismatches",
-    "connects", "connect_failures", "closed_4429", "idle_open", "idle_failed", "idle_lost",
-    "pings_answered",
-)
-
-
 @dataclass(slots=True)
 class BenchConfig:
     url: str = DEFAULT_URL
     users: int = 10
-    turns: int = 3
+    turns: int = 3  # per user; 0: until duration_s
     think_ms: float = 1000.0
     ramp_s: float = 0.0
     duration_s: float | None = None
@@ -86,37 +83,10 @@ class BenchConfig:
     deflate: bool = True
     seed: int = 0
     progress: bool = True
-
-
-class Stats:
-    """One worker's measurements: latency series (ms) and counters."""
-
-    def __init__(self) -> None:
-        self.series: dict[str, array[float]] = {name: array("d") for name in SERIES}
-        self.counts: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.finish: Counter[str] = Counter()
-        self.active = 0
-        self._fresh_ttft: list[float] = []
-
-    def add(self, name: str, value: float) -> None:
-        self.series[name].append(value)
-        if name == "ttft":
-            self._fresh_ttft.append(value)
-
-    def error(self, code: str) -> None:
-        self.errors[code] += 1
-        self.counts["errors"] += 1
-
-    def progress(self) -> dict[str, Any]:
-        fresh, self._fresh_ttft = self._fresh_ttft, []
-        c = self.counts
-        return {"done": c["turns_completed"], "active": self.active, "busy": c["busy"],
-                "rate_limited": c["rate_limited"], "errors": c["errors"], "ttft": fresh}
-
-    def export(self) -> dict[str, Any]:
-        return {"series": {k: v.tobytes() for k, v in self.series.items()}, "counts": dict(self.counts),
-                "errors": dict(self.errors), "finish": dict(self.finish)}
+    #: Turn starts per second over the whole run (Poisson), on a pool of ``users`` connections.
+    open_loop_rate: float | None = None
+    #: Put one row per completed turn in the report.
+    turn_rows: bool = False
 
 
 class UserConn:
@@ -214,6 +184,7 @@ class Worker:
         self.subprotocol = MSGPACK_SUBPROTOCOL if cfg.msgpack else JSON_SUBPROTOCOL
         self.url = normalize_url(cfg.url)
         self.stop_at: float | None = None  # no new turns after this (monotonic)
+        self._stopped = asyncio.Event()  # the parent asked the run to end
         self._idle_stop = asyncio.Event()
 
     # -- connecting ------------------------------------------------------------
@@ -237,6 +208,10 @@ class Worker:
             open_timeout=30, compression="deflate" if self.cfg.deflate else None,
             user_agent_header=CLIENT_NAME)
         self.stats.counts["connects"] += 1
+        # An error before ready that did not stop the open (e.g. `unavailable`): a figure, not a failure.
+        for frame in driver.pre_ready_errors:
+            self.stats.counts["hello_errors"] += 1
+            self.stats.errors[f"hello:{frame.get('code')}"] += 1
         return UserConn(driver, self.stats)
 
     async def connect_with_retry(self, user: str, rng: random.Random) -> UserConn | None:
@@ -264,7 +239,7 @@ class Worker:
     # -- users -----------------------------------------------------------------
 
     def _past_stop(self) -> bool:
-        return self.stop_at is not None and time.monotonic() >= self.stop_at
+        return self._stopped.is_set() or (self.stop_at is not None and time.monotonic() >= self.stop_at)
 
     async def run_user(self, i: int, start: float) -> None:
         cfg = self.cfg
@@ -274,8 +249,9 @@ class Worker:
         if cfg.users > 1 and cfg.ramp_s > 0:
             await asyncio.sleep(max(0.0, start + cfg.ramp_s * i / cfg.users - time.monotonic()))
         conn: UserConn | None = None
+        turns = range(cfg.turns) if cfg.turns else itertools.count()
         try:
-            for k in range(cfg.turns):
+            for k in turns:
                 if self._past_stop():
                     break
                 if k > 0 and cfg.think_ms > 0:
@@ -292,7 +268,7 @@ class Worker:
                 if conn is None:
                     conn = await self.connect_with_retry(user, rng)
                     if conn is None:
-                        self.stats.counts["turns_failed"] += cfg.turns - k
+                        self.stats.counts["turns_failed"] += cfg.turns - k if cfg.turns else 1
                         return
                 self.stats.active += 1
                 try:
@@ -310,8 +286,11 @@ class Worker:
                 await conn.close()
 
     async def run_turn(self, conn: UserConn, user: str, conversation: str, rng: random.Random,
-                       k: int) -> UserConn | None:
-        """One turn, start to end, with busy retries, drops and resumes; the socket to keep using."""
+                       k: int, max_retries: int | None = None) -> UserConn | None:
+        """One turn, start to end, with busy retries, drops and resumes; the socket to keep using.
+
+        ``max_retries`` (default ``cfg.max_retries``) bounds the busy / rate_limited retries.
+        """
         cfg, st = self.cfg, self.stats
         start = client_frames.turn_start(
             f"{PROMPTS[rng.randrange(len(PROMPTS))]} ({k + 1})", client_turn_id=f"b{uuid.uuid4().hex}",
@@ -338,7 +317,8 @@ class Worker:
 
         try:
             return await retry(lambda: self._play_turn(run, user, rng), delay=after_refusal,
-                               max_retries=cfg.max_retries, sleep=wait_on_the_socket)
+                               max_retries=cfg.max_retries if max_retries is None else max_retries,
+                               sleep=wait_on_the_socket)
         except _Refused:
             st.counts["gave_up"] += 1
             st.counts["turns_failed"] += 1
@@ -404,8 +384,9 @@ class Worker:
                     continue  # about something else
                 if code in ("busy", "rate_limited") and run.turn_id is None:
                     st.counts[code] += 1
+                    st.add("busy_latency", (time.monotonic() - run.sent_at) * 1000.0, at=run.sent_at)
                     raise _Refused(frame)
-                st.error(code)
+                st.error(code, str(frame.get("message", "")))
                 st.counts["turns_failed"] += 1
                 return run.conn
             # history, pong, anything else: not ours to handle
@@ -430,7 +411,7 @@ class Worker:
             if ttft > cfg.budget_ms:
                 st.counts["budget_misses"] += 1
         if run.last_delta_at is not None:
-            st.add("gap", (now - run.last_delta_at) * 1000.0)
+            st.add("gap", (now - run.last_delta_at) * 1000.0, at=now)
         run.last_delta_at = now
         if run.drop_after is not None and run.received >= run.drop_after:
             # --drop-rate: cut the socket mid-turn; the next read reconnects and resumes.
@@ -454,15 +435,27 @@ class Worker:
         if reason == "interrupted":
             st.counts["interrupted"] += 1
         timings = frame.get("timings") or {}
-        s_ttft = timings.get("ttft_ms")
-        if s_ttft is not None:
-            st.add("server_ttft", float(s_ttft))
-            if run.first_at is not None:
-                st.add("ttft_diff", (run.first_at - run.sent_at) * 1000.0 - float(s_ttft))
-        if timings.get("queue_ms") is not None:
-            st.add("server_queue", float(timings["queue_ms"]))
-        if timings.get("total_ms") is not None:
-            st.add("server_total", float(timings["total_ms"]))
+        server = {name: float(timings[key]) if timings.get(key) is not None else math.nan
+                  for name, key in (("server_ttft", "ttft_ms"), ("server_queue", "queue_ms"),
+                                    ("server_engine_ttft", "engine_ttft_ms"), ("server_total", "total_ms"))}
+        for name, value in server.items():
+            if not math.isnan(value):
+                st.add(name, value)
+        ttft = (run.first_at - run.sent_at) * 1000.0 if run.first_at is not None else math.nan
+        if not math.isnan(ttft) and not math.isnan(server["server_ttft"]):
+            st.add("ttft_diff", ttft - server["server_ttft"])
+        # The gateway's overhead: what the user waited beyond the engine's own time to first token.
+        # A server that does not report engine_ttft_ms: ttft_ms - queue_ms, which also counts the
+        # wake-up of the turn's task after the engine step as engine time.
+        engine = server["server_engine_ttft"]
+        if math.isnan(engine):
+            engine = server["server_ttft"] - server["server_queue"]
+        if not math.isnan(ttft - engine):
+            st.add("overhead", ttft - engine)
+        st.turn_row(sent_at=run.sent_at, ttft=ttft,
+                    ttft_with_retries=(run.first_at - run.first_attempt) * 1000.0 if run.first_at else math.nan,
+                    turn=(now - run.sent_at) * 1000.0, end_seq=float(end_seq), received=float(run.received),
+                    **server)
         st.counts["turns_completed"] += 1
 
     # -- idle connections --------------------------------------------------------
@@ -491,47 +484,161 @@ class Worker:
         finally:
             await conn.close()
 
+    async def _open_idle(self, idle: int, tasks: list[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Queue[bool] = asyncio.Queue()
+        gate = asyncio.Semaphore(OPENING_AT_ONCE)
+
+        async def one(j: int) -> None:
+            async with gate:
+                tasks.append(loop.create_task(self.hold_idle(j, opened), name=f"rapport-bench:idle-{j}"))
+                await opened.get()
+
+        await asyncio.gather(*(one(j) for j in range(idle)))
+
+    # -- open loop ---------------------------------------------------------------
+
+    async def _open_pool(self, user_ids: list[int]) -> deque[tuple[str, UserConn]]:
+        """The open loop's connections, opened before the run starts."""
+        gate = asyncio.Semaphore(OPENING_AT_ONCE)
+        pool: deque[tuple[str, UserConn]] = deque()
+
+        async def one(i: int) -> None:
+            user = f"{self.cfg.user_prefix}{i}"
+            async with gate:
+                conn = await self.connect_with_retry(user, random.Random(self.cfg.seed * 1_000_003 + i))
+            if conn is not None:
+                pool.append((user, conn))
+
+        await asyncio.gather(*(one(i) for i in user_ids))
+        return pool
+
+    async def run_open_loop(self, pool: deque[tuple[str, UserConn]], start: float) -> None:
+        """Poisson arrivals until the stop, each a new conversation on a free connection, refusals not retried.
+
+        An arrival that finds every connection busy is counted (``no_free_connection``),
+        not queued: queuing would turn the open loop back into a closed one. Turns still
+        running at the stop get ``turn_timeout_s`` to finish (``unfinished`` if not).
+        """
+        cfg, st = self.cfg, self.stats
+        rate = (cfg.open_loop_rate or 0.0) / max(1, cfg.processes)
+        arrivals = random.Random(cfg.seed * 1_000_003 + 7919 * (self.index + 1))
+        prompts = random.Random(cfg.seed * 1_000_003 - self.index)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one_turn(user: str, conn: UserConn, n: int) -> None:
+            kept: UserConn | None = None
+            st.active += 1
+            try:
+                kept = await self.run_turn(conn, user, f"{cfg.conversation_id}-o{self.index}-{n}", prompts, n,
+                                           max_retries=0)
+            except Exception as exc:  # noqa: BLE001 - one turn's surprise must not end the run
+                st.error(f"client:{type(exc).__name__}")
+                st.counts["turns_failed"] += 1
+            finally:
+                st.active -= 1
+                if kept is not None:
+                    pool.append((user, kept))
+                else:
+                    conn.abort()  # cancelled at the drain bound, or failed: the socket is not reusable
+
+        next_at = start
+        try:
+            while rate > 0:
+                next_at += arrivals.expovariate(rate)
+                if self.stop_at is not None and next_at >= self.stop_at:
+                    break
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                if self._past_stop():
+                    break
+                st.counts["arrivals"] += 1
+                if not pool:
+                    st.counts["no_free_connection"] += 1
+                    continue
+                user, conn = pool.popleft()
+                st.counts["turns_planned"] += 1
+                task = asyncio.get_running_loop().create_task(one_turn(user, conn, st.counts["arrivals"]))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                _, pending = await asyncio.wait(set(running), timeout=cfg.turn_timeout_s)
+                st.counts["unfinished"] += len(pending)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
     # -- the whole worker ----------------------------------------------------------
 
-    async def run(self, user_ids: list[int], idle: int, report: Any, go: Any) -> None:
+    async def run(self, user_ids: list[int], idle: int, report: Any, go: Any, stop: Any) -> None:
+        """Open the idle (and pooled) connections, say ready, run from ``go`` until done or ``stop``."""
         loop = asyncio.get_running_loop()
-        reporter = loop.create_task(self._report(report), name="rapport-bench:progress")
+        background = [loop.create_task(self._report(report), name="rapport-bench:progress")]
         idle_tasks: list[asyncio.Task[None]] = []
+        pool: deque[tuple[str, UserConn]] = deque()
         try:
             if idle:
-                opened: asyncio.Queue[bool] = asyncio.Queue()
-                gate = asyncio.Semaphore(IDLE_OPENING_AT_ONCE)
-
-                async def one(j: int) -> None:
-                    async with gate:
-                        t = loop.create_task(self.hold_idle(j, opened), name=f"rapport-bench:idle-{j}")
-                        idle_tasks.append(t)
-                        await opened.get()
-
-                await asyncio.gather(*(one(j) for j in range(idle)))
+                await self._open_idle(idle, idle_tasks)
+            if self.cfg.open_loop_rate:
+                pool = await self._open_pool(user_ids)
             report.put(("ready", self.index, None))
-            # go is a multiprocessing.Event: wait for it in a thread, never on the loop.
-            while not await loop.run_in_executor(None, go.wait, 1.0):
-                pass
+            await _wait_for(go)
             start = time.monotonic()
+            cpu_at_start = time.process_time()
+            pings_at_start = self.stats.counts["pings_answered"]
+            background += [loop.create_task(self._watch_stop(stop), name="rapport-bench:stop"),
+                           loop.create_task(self._sample_loop_lag(), name="rapport-bench:loop-lag")]
             if self.cfg.duration_s:
                 self.stop_at = start + self.cfg.duration_s
-            self.stats.counts["turns_planned"] += len(user_ids) * self.cfg.turns
-            await asyncio.gather(*(self.run_user(i, start) for i in user_ids))
-            if not user_ids and idle and self.stop_at is not None:
-                await asyncio.sleep(max(0.0, self.stop_at - time.monotonic()))
+            if self.cfg.open_loop_rate:
+                await self.run_open_loop(pool, start)
+            else:
+                self.stats.counts["turns_planned"] += len(user_ids) * self.cfg.turns
+                await asyncio.gather(*(self.run_user(i, start) for i in user_ids))
+                if not user_ids and idle:
+                    await self._hold()
+            # Readings of the run itself, before the connections are closed.
+            c = self.stats.counts
+            self.stats.cpu_s = time.process_time() - cpu_at_start
+            c["pings_answered_in_run"] = c["pings_answered"] - pings_at_start
+            c["idle_open_at_end"] = c["idle_open"] - c["idle_lost"]
         finally:
             self._idle_stop.set()
             for t in idle_tasks:
                 t.cancel()
-            await asyncio.gather(*idle_tasks, return_exceptions=True)
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+            await asyncio.gather(*idle_tasks, *(conn.close() for _, conn in pool), return_exceptions=True)
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    async def _hold(self) -> None:
+        """Idle connections only: hold them until the stop (the parent's, or duration_s)."""
+        timeout = None if self.stop_at is None else max(0.0, self.stop_at - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+
+    async def _watch_stop(self, stop: Any) -> None:
+        await _wait_for(stop)
+        self._stopped.set()
+
+    async def _sample_loop_lag(self) -> None:
+        """How late this worker's event loop wakes up: a saturated client inflates its own TTFT."""
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(LAG_PERIOD_S)
+            self.stats.add("loop_lag", (time.monotonic() - t - LAG_PERIOD_S) * 1000.0)
 
     async def _report(self, report: Any) -> None:
         while True:
             await asyncio.sleep(0.5)
             report.put(("progress", self.index, self.stats.progress()))
+
+
+async def _wait_for(event: Any) -> None:
+    """Wait for a multiprocessing.Event in a thread, never blocking the loop."""
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, event.wait, 0.5):
+        pass
 
 
 def _raise_nofile() -> None:
@@ -547,7 +654,7 @@ def _raise_nofile() -> None:
 
 
 def worker_main(cfg_dict: dict[str, Any], index: int, user_ids: list[int], idle: int, report: Any,
-                go: Any) -> None:
+                go: Any, stop: Any) -> None:
     """Entry point of a worker process: run its users, then put its Stats (or its traceback) on ``report``."""
     _raise_nofile()
     cfg = BenchConfig(**cfg_dict)
@@ -560,7 +667,7 @@ def worker_main(cfg_dict: dict[str, Any], index: int, user_ids: list[int], idle:
 
     async def run() -> Stats:
         worker = Worker(cfg, index)
-        await worker.run(user_ids, idle, report, go)
+        await worker.run(user_ids, idle, report, go, stop)
         return worker.stats
 
     try:

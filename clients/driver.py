@@ -18,8 +18,11 @@ client (:mod:`clients.connection`) open their sockets through
 Failures are the toolkit's errors: :class:`~clients.errors.ConnectionLost`
 (with the close code the server sent), :class:`~clients.errors.AuthenticationError`
 (close 4401 or an HTTP 401/403 handshake), :class:`~clients.errors.ServerError`
-(an ``error`` answered the hello) and :class:`~clients.errors.ProtocolViolation`
-(an undecodable server frame).
+(an ``error`` answered the hello and the server then closed the socket) and
+:class:`~clients.errors.ProtocolViolation` (an undecodable server frame). An
+``error`` before ``ready`` that the server follows with ``ready`` (``unavailable``
+when it could not list the user's active turns) does not fail the open: it is
+kept in :attr:`Driver.pre_ready_errors`.
 """
 
 from __future__ import annotations
@@ -69,16 +72,19 @@ def lost_from(exc: ConnectionClosed) -> ConnectionLost:
 class Driver:
     """One WebSocket speaking the Rapport protocol, driven frame by frame by its caller."""
 
-    __slots__ = ("codec", "ready", "ws")
+    __slots__ = ("codec", "pre_ready_errors", "ready", "ws")
 
     ws: ClientConnection
     codec: Codec
     ready: dict[str, Any] | None
+    #: ``error`` frames the server sent before ``ready`` (the open still succeeded).
+    pre_ready_errors: list[dict[str, Any]]
 
     def __init__(self, ws: ClientConnection, codec: Codec, ready: dict[str, Any] | None = None) -> None:
         self.ws = ws
         self.codec = codec
         self.ready = ready
+        self.pre_ready_errors = []
 
     @classmethod
     async def open(cls, url: str, *, subprotocol: str = JSON_SUBPROTOCOL, token: str | None = None,
@@ -131,12 +137,21 @@ class Driver:
 
     async def _await_ready(self) -> dict[str, Any]:
         while True:
-            frame = await self.recv(timeout=None)
+            try:
+                frame = await self.recv(timeout=None)
+            except ConnectionLost as lost:
+                # A refused hello is an error frame, then the close: the server's own words say why.
+                if self.pre_ready_errors:
+                    raise ServerError(self.pre_ready_errors[-1]) from lost
+                raise
             kind = frame["type"]
             if kind == "ready":
                 return frame
             if kind == "error":
-                raise ServerError(frame)
+                # Not necessarily a refusal: the gateway answers `unavailable` and still sends
+                # ready when it cannot list the user's active turns. Only a close fails the open.
+                self.pre_ready_errors.append(frame)
+                continue
             if kind == "ping":
                 await self.send(client_frames.pong(frame.get("t")))
             # anything else before ready is not for us: ignore it

@@ -116,3 +116,39 @@ def test_bad_arguments_exit_2():
     assert proc.returncode == 2 and "nothing to do" in proc.stderr
     proc = run_bench("--dev-users", "--token", "x")
     assert proc.returncode == 2
+
+
+def test_hooks_sample_the_run_and_end_an_idle_hold(sim_server):
+    from clients.bench import BenchConfig, RunHooks
+    from clients.bench import run_bench as run_in_process
+
+    started: list[float] = []
+    ticks: list[float] = []
+
+    def tick(elapsed: float) -> bool:
+        ticks.append(elapsed)
+        return elapsed >= 0.5  # no --duration-s: only this ends the hold
+
+    cfg = BenchConfig(url=sim_server.ws_url, users=0, idle=4, processes=2, dev_users=True, progress=False,
+                      user_prefix=f"bench-hold-{uuid.uuid4().hex[:6]}-")
+    report = run_in_process(cfg, hooks=RunHooks(on_start=started.append, on_tick=tick, tick_s=0.1))
+    c = report["counts"]
+    assert c["idle_open"] == c["idle_open_at_end"] == 4 and c["idle_lost"] == 0
+    assert report["start_monotonic"] == started[0] and report["setup_s"] > 0
+    assert ticks and ticks[-1] >= 0.5 and report["elapsed_s"] < 10
+    assert report["client_cpu_s"] >= 0 and report["failed_workers"] == 0
+
+
+def test_open_loop_arrivals_with_turn_rows(sim_server, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_bench("--url", sim_server.ws_url, "--dev-users", "--users", "6", "--open-loop-rate", "20",
+                     "--duration-s", "1", "--processes", "2", "--turn-rows", "--no-progress", "--max-tokens", "8",
+                     "--user-prefix", f"bench-open-{uuid.uuid4().hex[:6]}-", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "open-loop arrivals" in proc.stdout
+    report = json.loads(out.read_text())
+    c = report["counts"]
+    assert c["arrivals"] > 0 and c["turns_planned"] + c["no_free_connection"] == c["arrivals"]
+    assert c["turns_completed"] == len(report["turns"]["ttft"]) > 0 and c["connects"] == 6
+    assert all(0 <= t < 3 for t in report["turns"]["sent_s"])
+    assert report["protocol_ok"]

@@ -14,12 +14,13 @@ from clients.bench_report import (
     PlotUnavailable,
     build_report,
     check_plotting,
+    finite_or_none,
     format_table,
     histogram,
-    merge_results,
     write_plot,
 )
-from clients.bench_workers import SERIES, BenchConfig, Stats
+from clients.bench_stats import SERIES, TIMED, TURN_COLUMNS, Stats, merge_results
+from clients.bench_workers import BenchConfig
 
 
 def a_report(**counts: int) -> dict:
@@ -29,8 +30,8 @@ def a_report(**counts: int) -> dict:
     stats.counts.update({"turns_planned": 3, "turns_completed": 3, "deltas_received": 9, "end_seq_total": 9,
                          **counts})
     stats.finish["stop"] = 3
-    series, merged, errors, finish = merge_results([stats.export(), Stats().export()])
-    return build_report(BenchConfig(token="secret", jwt_secret="secret"), 2.0, series, merged, errors, finish)
+    merged = merge_results([stats.export(), Stats().export()])
+    return build_report(BenchConfig(token="secret", jwt_secret="secret"), 2.0, merged)
 
 
 def test_workers_results_merge_and_the_report_checks_the_protocol():
@@ -51,9 +52,39 @@ def test_the_table_names_every_series_and_flags_missing_deltas():
 
 
 def test_merge_keeps_every_series():
-    series, counts, _, _ = merge_results([])
-    assert set(series) == set(SERIES) and all(isinstance(s, array) for s in series.values())
-    assert counts == Counter()
+    merged = merge_results([])
+    assert set(merged.series) == set(SERIES) and all(isinstance(s, array) for s in merged.series.values())
+    assert merged.counts == Counter()
+
+
+def test_turn_rows_stay_aligned_across_workers_and_are_relative_to_the_start():
+    one, two = Stats(), Stats()
+    one.turn_row(sent_at=101.0, ttft=50.0, server_ttft=40.0)
+    two.turn_row(sent_at=102.5, ttft=70.0, end_seq=3.0)
+    one.add("gap", 5.0, at=101.25)
+    two.add("busy_latency", 2.0, at=100.5)
+    merged = merge_results([one.export(), two.export()])
+    cfg = BenchConfig(turn_rows=True)
+    report = build_report(cfg, 3.0, merged, start=100.0, setup_s=0.5)
+    turns = report["turns"]
+    assert set(turns) == {*TURN_COLUMNS, "sent_s"} - {"sent_at"}
+    assert turns["sent_s"] == [1.0, 2.5] and turns["ttft"] == [50.0, 70.0]
+    assert turns["server_ttft"][0] == 40.0 and turns["end_seq"][1] == 3.0
+    assert report["timed"] == {"gap": {"ms": [5.0], "at_s": [1.25]}, "busy_latency": {"ms": [2.0], "at_s": [0.5]}}
+    assert set(report["timed"]) == set(TIMED)
+    assert report["start_monotonic"] == 100.0 and report["setup_s"] == 0.5
+    strict = finite_or_none(report)
+    assert strict["turns"]["server_ttft"][1] is None and strict["turns"]["end_seq"][0] is None
+    assert "turns" not in build_report(BenchConfig(), 3.0, merged)  # only when asked for
+
+
+def test_error_messages_group_by_code_with_digits_masked():
+    stats = Stats()
+    stats.error("unavailable", "redis pool of 512 exhausted")
+    stats.error("unavailable", "redis pool of 64 exhausted")
+    merged = merge_results([stats.export()])
+    assert merged.errors == Counter({"unavailable": 2}) and merged.counts["errors"] == 2
+    assert merged.error_messages == Counter({"unavailable: redis pool of N exhausted": 2})
 
 
 def test_histogram_buckets():

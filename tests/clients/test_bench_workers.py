@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -121,3 +122,61 @@ async def test_4429_is_counted_and_retried_with_backoff():
     c = w.stats.counts
     assert script.connections == 2 and c["closed_4429"] == 1 and c["connect_failures"] == 1 and c["connects"] == 1
     assert w.stats.errors == {}
+
+
+class Unavailable(Script):
+    """Says `unavailable` before ready, as the gateway does when it cannot list the active turns."""
+
+    async def handler(self, ws: ServerConnection) -> None:
+        codec = codec_for(ws.subprotocol)
+        await ws.recv()
+        await ws.send(codec.encode({"type": "error", "code": "unavailable", "message": "no turns list"}))
+        await ws.send(codec.encode({"type": "ready", "active_turns": []}))
+        await ws.wait_closed()
+
+
+async def test_an_error_before_ready_is_counted_not_fatal():
+    async with running(Unavailable()) as url:
+        w = worker(url)
+        conn = await w.open("w-0")
+        await conn.close()
+    assert w.stats.counts["hello_errors"] == 1 and w.stats.errors == {"hello:unavailable": 1}
+    assert w.stats.counts["errors"] == 0 and w.stats.counts["connects"] == 1
+
+
+async def test_a_completed_turn_is_one_row_with_the_servers_timings():
+    async with running(Script(busy=1)) as url:
+        w = worker(url)
+        conn = await w.connect_with_retry("w-0", random.Random(1))
+        assert conn is not None
+        await w.run_turn(conn, "w-0", "bench", random.Random(2), 0)
+        await conn.close()
+    rows, series = w.stats.turns, w.stats.series
+    assert all(len(col) == 1 for col in rows.values())
+    assert rows["server_queue"][0] == 1 and rows["server_ttft"][0] == 2 and rows["server_total"][0] == 3
+    assert rows["end_seq"][0] == rows["received"][0] == len(DELTAS)
+    assert rows["ttft_with_retries"][0] > rows["ttft"][0] > 0
+    # No engine_ttft_ms from this server: the overhead falls back to ttft_ms - queue_ms as the engine's share.
+    assert series["overhead"][0] == rows["ttft"][0] - (2 - 1)
+    assert len(series["busy_latency"]) == len(w.stats.moments["busy_latency"]) == 1
+    assert len(series["gap"]) == len(w.stats.moments["gap"]) == len(DELTAS) - 1
+
+
+async def test_the_open_loop_sends_new_conversations_and_never_retries_a_refusal():
+    script = Script(busy=2)
+    async with running(script) as url:
+        w = worker(url, users=2, open_loop_rate=200.0, duration_s=0.3, max_retries=5)
+        pool = await w._open_pool([0, 1])
+        assert len(pool) == 2
+        start = time.monotonic()
+        w.stop_at = start + 0.3
+        await w.run_open_loop(pool, start)
+        for _, conn in pool:
+            await conn.close()
+    c = w.stats.counts
+    assert c["arrivals"] > 5  # ~60 expected
+    assert c["turns_planned"] + c["no_free_connection"] == c["arrivals"]
+    assert c["busy"] == 2 and c["gave_up"] == 2 and len(script.starts) == c["turns_planned"]
+    assert c["turns_completed"] == c["turns_planned"] - 2 and c["unfinished"] == 0
+    conversations = [s["conversation_id"] for s in script.starts]
+    assert len(set(conversations)) == len(conversations)

@@ -180,3 +180,39 @@ async def test_no_ready_within_open_timeout_is_connection_lost():
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ConnectionLost, match="no 'ready' within 0.2 s"):
             await Driver.open(f"ws://127.0.0.1:{port}/v1/ws", user="u", open_timeout=0.2)
+
+
+async def test_an_error_before_ready_is_kept_and_the_open_waits_for_ready():
+    """The gateway answers `unavailable` (it could not list the active turns) and then `ready`."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    unavailable = {"type": "error", "code": "unavailable", "message": "cannot list active turns"}
+
+    async def degraded(ws: ServerConnection) -> None:
+        await ws.recv()  # hello
+        await ws.send(Codec(JSON_SUBPROTOCOL).encode(unavailable))
+        await ws.send(Codec(JSON_SUBPROTOCOL).encode({"type": "ready", "active_turns": []}))
+        await ws.wait_closed()
+
+    async with serve(degraded, "127.0.0.1", 0, subprotocols=[JSON_SUBPROTOCOL]) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with await Driver.open(f"ws://127.0.0.1:{port}/v1/ws", user="u", open_timeout=2) as driver:
+            assert driver.ready is not None and driver.ready["type"] == "ready"
+            assert driver.pre_ready_errors == [unavailable]
+
+
+async def test_an_error_then_a_close_before_ready_fails_the_open():
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def refusing(ws: ServerConnection) -> None:
+        await ws.recv()  # hello
+        await ws.send(Codec(JSON_SUBPROTOCOL).encode({"type": "error", "code": "unauthorized", "message": "no"}))
+        await ws.close(close_codes.UNAUTHORIZED, "bad token")
+
+    async with serve(refusing, "127.0.0.1", 0, subprotocols=[JSON_SUBPROTOCOL]) as server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ServerError) as info:
+            await Driver.open(f"ws://127.0.0.1:{port}/v1/ws", user="u", open_timeout=2)
+    assert info.value.code == "unauthorized"
+    assert isinstance(info.value.__cause__, AuthenticationError)
+    assert info.value.__cause__.close_code == close_codes.UNAUTHORIZED
