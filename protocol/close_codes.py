@@ -16,6 +16,7 @@ INVALID_PAYLOAD = 1007     # invalid UTF-8 in a text frame (RFC 6455 section 8.1
 POLICY = 1008              # origin refused, or a socket that stopped reading
 TOO_BIG = 1009             # a frame over limits.max_frame_bytes
 INTERNAL = 1011
+TRY_AGAIN_LATER = 1013     # IANA's registry: over the per-process cap of connections not yet authenticated
 UNAUTHORIZED = 4401        # no valid credentials in time; retrying without new ones is pointless
 HEARTBEAT_TIMEOUT = 4408   # the client was silent longer than heartbeat.timeout_ms
 TOO_MANY_CONNECTIONS = 4429  # over the per-user connection cap

@@ -45,7 +45,7 @@ class RapportApp(Starlette):
     gateway handles its own errors, so it needs none of them.
     """
 
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
             scope["app"] = self
             await websocket_endpoint(WebSocket(scope, receive, send))
@@ -80,4 +80,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    # Set by the server when it begins shutting down (server.serving.GatewayServer):
+    # the gateway then closes new sockets 1001 instead of serving them.
+    app.state.draining = False
     return app

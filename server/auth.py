@@ -2,6 +2,9 @@
 
 The algorithm is pinned by configuration (RFC 8725 section 3.1: never let the
 token choose, never accept ``none``); ``exp`` and ``sub`` are required.
+``exp``, ``nbf`` and ``iat`` must be JSON numbers (RFC 7519 section 2,
+"NumericDate"), and a user id must be a string every layer below can carry
+(valid Unicode, no control characters).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import jwt
 from protocol.errors import Unauthorized
 
 MAX_USER_ID_CHARS = 128
+#: RFC 7519 section 4.1: the registered claims whose values are NumericDates.
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,13 @@ class Authenticator:
             raise Unauthorized("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
+        for name in NUMERIC_DATE_CLAIMS:
+            value = claims.get(name)
+            # PyJWT converts with int(), so "9999999999" would pass as a date; RFC 7519
+            # section 4.1.4 makes exp a NumericDate, which is a JSON number. bool is an
+            # int in Python but not a number in JSON.
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise Unauthorized(f"invalid token: the {name} claim must be a number (a NumericDate)")
         return check_user_id(claims.get("sub"))
 
     def identify(self, *, header_token: str | None, hello_token: str | None,
@@ -61,6 +73,12 @@ def check_user_id(value: object) -> str:
         raise Unauthorized(f"the user id must be a string of 1..{MAX_USER_ID_CHARS} characters")
     if any(unicodedata.category(c) == "Cc" for c in value):
         raise Unauthorized("the user id must not contain control characters")
+    try:
+        # A JSON "\ud800" escape decodes to a lone surrogate: a str that Redis keys,
+        # logs and WebSocket close reasons (UTF-8, RFC 6455 section 5.5.1) cannot carry.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Unauthorized("the user id must be valid Unicode (it holds a lone surrogate)") from None
     return value
 
 

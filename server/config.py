@@ -26,6 +26,15 @@ class ConfigError(RapportError):
     code = "internal"
 
 
+#: RFC 7518 section 3.2: "A key of the same size as the hash output (for
+#: instance, 256 bits for HS256) or larger MUST be used with this algorithm."
+HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+#: The smallest outbox byte bound accepted: below it ordinary history answers
+#: would count as a stuck socket.
+MIN_OUTBOX_BYTES = 64 * 1024
+
+
 @dataclass(slots=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -45,7 +54,14 @@ class Settings:
     turns_per_minute: int = 30
     max_connections_per_user: int = 8
     outbox_max_frames: int = 2048
+    outbox_max_bytes: int = 8 * 1024 * 1024
     stuck_timeout_ms: int = 10_000
+    frames_per_second: float = 20.0
+    frame_burst: int = 60
+    # clients that have not authenticated yet
+    request_header_timeout_ms: int = 10_000
+    request_body_timeout_ms: int = 30_000
+    max_unauthenticated_connections: int = 0
     socket_send_buffer: int = 65_536
     # heartbeats and grace periods
     heartbeat_interval_ms: int = 15_000
@@ -94,6 +110,18 @@ class Settings:
             self.jwt_secret = DEV_JWT_SECRET
         if self.jwt_algorithm.lower() == "none" or not self.jwt_algorithm:
             raise ConfigError("the JWT algorithm must be pinned to a real algorithm, never 'none'")
+        if self.auth == "jwt" and self.jwt_secret == DEV_JWT_SECRET and not is_loopback(self.host):
+            raise ConfigError("the built-in development JWT secret is public; set your own --jwt-secret off loopback")
+        minimum = HMAC_MIN_SECRET_BYTES.get(self.jwt_algorithm.upper())
+        secret_bytes = len(self.jwt_secret.encode("utf-8"))
+        if self.auth == "jwt" and minimum and secret_bytes < minimum and not is_loopback(self.host):
+            # RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
+            # Anyone who guesses a short secret can mint tokens for every user.
+            raise ConfigError(
+                f"--jwt-secret (or RAPPORT_JWT_SECRET) must be at least {minimum} bytes for "
+                f"{self.jwt_algorithm.upper()} off loopback (RFC 7518 section 3.2); it is {secret_bytes} bytes. "
+                "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
         if not self.redis_prefix:
             raise ConfigError("--redis-prefix must not be empty")
         if self.max_history_turns < 0:
@@ -102,6 +130,18 @@ class Settings:
             raise ConfigError("heartbeat intervals must be positive")
         if self.engine == "remote" and not self.upstream:
             raise ConfigError("--engine remote needs at least one --upstream URL")
+        if self.request_header_timeout_ms <= 0 or self.request_body_timeout_ms <= 0:
+            raise ConfigError("--request-header-timeout-ms and --request-body-timeout-ms must be positive")
+        if self.max_unauthenticated_connections < 0:
+            raise ConfigError("--max-unauthenticated-connections must be >= 0 (0: a share of the descriptor limit)")
+        if self.outbox_max_frames < 1:
+            raise ConfigError("--outbox-max-frames must be at least 1")
+        if self.outbox_max_bytes < MIN_OUTBOX_BYTES:
+            raise ConfigError(f"--outbox-max-bytes must be at least {MIN_OUTBOX_BYTES}")
+        if not self.frames_per_second > 0:
+            raise ConfigError("--frames-per-second must be positive")
+        if self.frame_burst < 1:
+            raise ConfigError("--frame-burst must be at least 1")
 
 
 def is_loopback(host: str) -> bool:
@@ -120,7 +160,8 @@ _HELP: dict[str, str] = {
     "redis_url": "Redis holding conversations, turns and delta logs",
     "redis_prefix": "every Redis key the server writes starts with this",
     "auth": "jwt (Bearer tokens) or dev (trust hello.user; loopback only)",
-    "jwt_secret": "HMAC secret for JWTs (a built-in development secret is used on loopback if empty)",
+    "jwt_secret": "HMAC secret for JWTs, at least as long as the hash off loopback (32 bytes for HS256); "
+                  "a built-in development secret is used on loopback if empty",
     "jwt_algorithm": "the only JWT algorithm accepted",
     "system_prompt": "system prompt placed before every conversation",
     "max_history_turns": "past turns the model sees at most",
@@ -130,7 +171,19 @@ _HELP: dict[str, str] = {
     "turns_per_minute": "turns a user may start per minute",
     "max_connections_per_user": "open WebSockets a user may hold",
     "outbox_max_frames": "frames queued for one socket before it counts as stuck and is closed",
-    "socket_send_buffer": "kernel send buffer per socket in bytes (0: the OS default); keeps a lagging phone's backlog where it can be merged",
+    "outbox_max_bytes": "bytes of frames queued for one socket before it counts as stuck and is closed with 1008",
+    "frames_per_second": "client frames one socket may send per second, on average (a token bucket); "
+                         "over it the client hears rate_limited",
+    "frame_burst": "client frames one socket may send at once; a socket that sends this many more while "
+                   "rate limited is closed with 1008",
+    "request_header_timeout_ms": "a connection must complete its request headers within this time of "
+                                 "connecting (or of starting its next request), else 408 and close",
+    "request_body_timeout_ms": "a request body must arrive within this time of its headers, else 408 and close",
+    "max_unauthenticated_connections": "connections per process not yet authenticated (before their request "
+                                       "or hello); over it the oldest is closed (0: a quarter of the "
+                                       "file-descriptor limit)",
+    "socket_send_buffer": "kernel send buffer per socket in bytes (0: the OS default); keeps a lagging "
+                          "phone's backlog where it can be merged",
     "stuck_timeout_ms": "close a socket whose queued frames have not moved for this long",
     "heartbeat_interval_ms": "server ping interval",
     "heartbeat_timeout_ms": "close with 4408 after this much client silence",
@@ -195,13 +248,13 @@ def settings_from(args: argparse.Namespace | None = None, environ: dict[str, str
         default = getattr(base, f.name)
         try:
             if f.name in _LIST_FIELDS:
-                values[f.name] = list(raw)  # type: ignore[arg-type]
+                values[f.name] = list(raw)
             elif isinstance(default, bool):
                 values[f.name] = str(raw).lower() in ("1", "true", "yes", "on")
             elif isinstance(default, int):
-                values[f.name] = int(raw)  # type: ignore[arg-type]
+                values[f.name] = int(raw)
             elif isinstance(default, float):
-                values[f.name] = float(raw)  # type: ignore[arg-type]
+                values[f.name] = float(raw)
             else:
                 values[f.name] = str(raw)
         except ValueError:

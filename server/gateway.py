@@ -10,15 +10,22 @@ Frames go out through :meth:`Connection.push`, which never blocks: the engine's
 fan-out must not wait on a slow phone. The queue coalesces deltas of one turn
 when a socket lags and closes a socket that stays stuck (see
 :class:`server.outbox.Outbox`).
+
+Nothing one socket sends or fails to read grows without bound: its outbox is
+bounded in frames and bytes, its incoming frames go through a token bucket
+(:class:`FrameRate`), and what it remembers per frame (the turns it touched)
+only holds turns that exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -28,6 +35,7 @@ from protocol.codec import Codec, choose_subprotocol, codec_for
 from protocol.errors import BadRequest, RapportError, Unauthorized, Unavailable
 
 from .auth import bearer_token
+from .config import is_loopback
 from .outbox import Outbox, OutboxOverflow
 
 if TYPE_CHECKING:
@@ -35,20 +43,90 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rapport.gateway")
 
+#: The scope extension through which the server's WebSocket protocol offers
+#: itself (``server.serving.GuardedWebSocketProtocol``); absent elsewhere.
+SOCKET_EXTENSION = "rapport.socket"
+
+#: Past this many remembered turns, those no longer running here are forgotten.
+TOUCHED_PRUNE_AT = 64
+
+#: The longest close reason RFC 6455 section 5.5 allows: a control frame's
+#: payload is at most 125 bytes, two of which are the code.
+MAX_CLOSE_REASON_BYTES = 123
 
 
-def origin_allowed(origin: str | None, host: str | None, allowlist: list[str]) -> bool:
+class SocketControl(Protocol):
+    """What the WebSocket protocol under a connection offers the gateway."""
+
+    def authenticated(self) -> None: ...
+
+    def close_now(self, code: int, reason: str, grace_s: float = ...) -> None: ...
+
+
+class FrameRate:
+    """A token bucket over one socket's incoming frames (every kind, ``hello`` included).
+
+    ``burst`` frames may come at once, ``rate`` per second on average. A frame
+    without a token is not processed; the caller answers it ``rate_limited``.
+    ``refused`` counts refused frames since the bucket was last full: a client
+    that waits as told refills it, one that keeps sending is :attr:`flooding`
+    once it has sent another whole burst while refused.
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "refused")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+        self.refused = 0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= self.burst:
+            self.refused = 0
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.refused += 1
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        return self.refused > self.burst
+
+    def retry_after_ms(self) -> int:
+        """Until the next token."""
+        return max(1, math.ceil((1.0 - self.tokens) / self.rate * 1000.0))
+
+
+def origin_allowed(origin: str | None, host: str | None, allowlist: list[str], *,
+                   loopback_only: bool = False) -> bool:
     """Browsers send Origin; native apps and servers usually do not.
 
     Same-origin pages (the chat page served by this server) are always allowed;
     other origins only when configured (a cross-site WebSocket hijacking guard).
+    With ``loopback_only`` (the development mode, which trusts ``hello.user``)
+    same-origin counts only for a loopback Host: a DNS-rebinding page (its own
+    name made to resolve to 127.0.0.1) sends matching Host and Origin headers,
+    both naming the attacker's domain.
     """
     if not origin:
         return True
     if "*" in allowlist or origin in allowlist:
         return True
     netloc = urlsplit(origin).netloc
-    return bool(host) and netloc == host
+    if not host or netloc != host:
+        return False
+    return not loopback_only or is_loopback(urlsplit("//" + host).hostname or "")
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame can carry, as valid UTF-8 (RFC 6455 section 5.5.1)."""
+    raw = text.encode("utf-8", "replace")[:MAX_CLOSE_REASON_BYTES]
+    return raw.decode("utf-8", "ignore")
 
 
 class Connection:
@@ -59,28 +137,37 @@ class Connection:
         self.user_id = ""
         self.session_id = "s_" + uuid.uuid4().hex[:16]
         s = runtime.settings
-        self.outbox = Outbox(max_frames=s.outbox_max_frames)
+        self.outbox = Outbox(max_frames=s.outbox_max_frames, max_bytes=s.outbox_max_bytes)
         self._wakeup = asyncio.Event()
         self._last_rx = time.monotonic()
-        self._touched: set[str] = set()  # turns this socket started, resumed or cancelled
+        self._rate = FrameRate(s.frames_per_second, s.frame_burst, self._last_rx)
+        # Turns this socket started, resumed or cancelled (to leave them when it
+        # goes); only turns that exist, so made-up ids cannot grow it.
+        self._touched: set[str] = set()
         self._remote: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._close_code: int | None = None
-        self._stuck = False
+        self._close_reason = ""
+        self._close_requested_at = 0.0
+        self._close_sent = False
+        self._dropped = False  # given up on: no more frames, tasks cancelled
         self._beating = False  # heartbeats run once the handshake is done
         self._next_ping = 0.0
         self._main: asyncio.Task[Any] | None = None
+        extensions = ws.scope.get("extensions") or {}
+        self._socket: SocketControl | None = extensions.get(SOCKET_EXTENSION)
 
     # ------------------------------------------------------------ Follower
 
     def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
+        if self._dropped:
+            return  # nobody will read it; turns keep pushing until they notice we left
         try:
             self.outbox.put(frame, live=live)
-        except OutboxOverflow:
+        except OutboxOverflow as exc:
             # A socket that stays stuck is closed; its turns stay resumable.
-            log.info("session %s: client stopped reading; closing it", self.session_id)
-            self.runtime.metrics.slow_consumer_closed()
-            self._request_close(close_codes.POLICY)
+            self._drop_slow_consumer(exc.message, close_codes.POLICY)
+            return
         self._wakeup.set()
 
     # ------------------------------------------------------------ lifecycle
@@ -88,16 +175,25 @@ class Connection:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
-        self._tasks.append(loop.create_task(self._send_loop(), name=f"send {self.session_id}"))
+        sender = loop.create_task(self._send_loop(), name=f"send {self.session_id}")
+        self._tasks.append(sender)
         try:
             if await self._handshake():
                 self._next_ping = time.monotonic() + self.runtime.settings.heartbeat_interval_ms / 1000.0
                 self._beating = True
                 await self._receive_loop()
+            if self._close_code is not None and not sender.done():
+                # A close was asked for (a flood, a frame too big, a shutdown): the
+                # sender delivers what is queued, then the close frame. Teardown
+                # cancels it, so wait for it here, as long as any frame may wait.
+                stuck_s = self.runtime.settings.stuck_timeout_ms / 1000.0
+                await asyncio.wait([sender], timeout=stuck_s)
+                if not sender.done():
+                    self._drop_slow_consumer(f"its close frame waited {stuck_s:.1f} s", self._close_code)
         except WebSocketDisconnect:
             pass
         except asyncio.CancelledError:
-            if not self._stuck:
+            if not self._dropped:
                 raise
             # Our own cancellation of a stuck socket, not the server's shutdown.
             if self._main is not None:
@@ -116,32 +212,49 @@ class Connection:
         if self.user_id:
             await self.runtime.connection_closed(self)
 
-    def _drop_stuck(self) -> None:
-        """Give up on a socket that stopped reading.
+    def _drop_slow_consumer(self, why: str, code: int) -> None:
+        """Give up on a socket that stopped reading: once, whatever keeps pushing.
 
         Its sender is blocked in a send that waits for the peer to read, so a
-        close frame could never go out. Stop the sender and the receive loop;
-        returning from the endpoint lets the server close the transport, and
-        everything this connection held is released now.
+        close frame would never go out through it. The frames it still holds
+        are dropped (they are what the memory bound is about); the close frame
+        goes straight behind what the transport already holds, and a peer that
+        does not take it within the stuck timeout is cut off, releasing the
+        descriptor. The sender and the receive loop stop now, so the turns, the
+        registry entry and the metrics gauge are released at once.
         """
-        self._close_code = close_codes.POLICY
-        self._stuck = True
+        if self._dropped:
+            return
+        self._dropped = True
+        self._beating = False
+        log.info("session %s: client stopped reading (%s); closing it %d", self.session_id, why, code)
+        self.runtime.metrics.slow_consumer_closed()
+        self.outbox.clear()
+        if self._close_code is None:
+            self._close_code = code
+        if self._socket is not None:
+            self._socket.close_now(code, "client stopped reading",
+                                   grace_s=self.runtime.settings.stuck_timeout_ms / 1000.0)
         for task in self._tasks:
             task.cancel()
         if self._main is not None:
+            # Also when pushed from the receive loop itself: it stops at its next await.
             self._main.cancel()
 
-    def _request_close(self, code: int) -> None:
+    def _request_close(self, code: int, reason: str = "") -> None:
         if self._close_code is None:
             self._close_code = code
+            self._close_reason = reason
+            self._close_requested_at = time.monotonic()
             self._wakeup.set()
 
     async def _close(self, code: int, reason: str = "") -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:
             try:
-                await self.ws.close(code=code, reason=reason[:120])
+                await self.ws.close(code=code, reason=close_reason(reason))
             except (RuntimeError, OSError):
                 pass
+        self._close_sent = True
 
     # ------------------------------------------------------------ receiving
 
@@ -154,6 +267,29 @@ class Connection:
         if data is None:
             data = message.get("bytes")
         return data if data is not None else b""
+
+    def _admit(self) -> bool:
+        """Take a token for the frame just received; False when it must not be processed.
+
+        A refused frame is answered ``rate_limited`` (at most ``frame_burst`` of
+        those before the socket counts as flooding and is closed 1008), so every
+        frame a client sends gets exactly one answer or the socket closes.
+        """
+        if self._rate.take(self._last_rx):
+            return True
+        self.runtime.metrics.frame_rate_limited()
+        if self._rate.flooding:
+            if self._close_code is None:
+                log.info("session %s: over %d frames refused for the frame rate; closing 1008",
+                         self.session_id, self._rate.burst)
+                self.runtime.metrics.flood_closed()
+                self._request_close(close_codes.POLICY, "too many frames; slow down")
+            return False
+        s = self.runtime.settings
+        self.push(frames.error(
+            "rate_limited", f"more than {s.frames_per_second:g} frames a second (bursts of {s.frame_burst}); "
+                            "this frame was not processed", retry_after_ms=self._rate.retry_after_ms()))
+        return False
 
     async def _decode(self, data: str | bytes) -> frames.ClientFrame | None:
         """Parse one frame; on bad input answer an error frame and return None."""
@@ -180,8 +316,10 @@ class Connection:
             async with asyncio.timeout(s.hello_timeout_ms / 1000.0):
                 while True:
                     data = await self._receive()
-                    if data is None:
+                    if data is None or self._close_code is not None:
                         return False
+                    if not self._admit():
+                        continue
                     frame = await self._decode(data)
                     if frame is None:
                         continue
@@ -205,6 +343,8 @@ class Connection:
         if refusal is not None:
             await self._flush_then_close(refusal, "too many connections for this user")
             return False
+        if self._close_code is not None:
+            return False  # closed meanwhile (a shutdown): no ready for a socket on its way out
         try:
             active = await self.runtime.manager.active_turns(self.user_id)
         except Unavailable as exc:
@@ -217,6 +357,8 @@ class Connection:
             max_frame_bytes=s.max_frame_bytes, max_input_chars=s.max_input_chars,
             turns_per_minute=s.turns_per_minute, active_turns=active,
         ))
+        if self._socket is not None:
+            self._socket.authenticated()
         return True
 
     async def _flush_then_close(self, code: int, reason: str) -> None:
@@ -232,6 +374,8 @@ class Connection:
             data = await self._receive()
             if data is None:
                 return
+            if not self._admit():
+                continue
             frame = await self._decode(data)
             if frame is None:
                 continue
@@ -251,14 +395,16 @@ class Connection:
                 except RapportError as exc:
                     exc.fields.setdefault("client_turn_id", frame.client_turn_id)
                     raise
-                self._touched.add(turn_id)
+                self._touch(turn_id)
             case frames.TurnCancel(turn_id=turn_id):
-                self._touched.add(turn_id)
+                # Remembered only once the turn turned out to exist: an id that is
+                # not_found leaves nothing behind.
                 await rt.manager.cancel(self, turn_id)
+                self._touch(turn_id)
             case frames.TurnResume(turn_id=turn_id, after_seq=after_seq):
-                self._touched.add(turn_id)
                 task = await rt.manager.follow(self, turn_id, after_seq)
                 rt.metrics.resumed()
+                self._touch(turn_id)
                 if task is not None:
                     self.adopt(turn_id, task)
             case frames.HistoryGet(conversation_id=conv, limit=limit, before=before):
@@ -277,12 +423,19 @@ class Connection:
             case frames.Hello():
                 raise BadRequest("hello was already received")
 
+    def _touch(self, turn_id: str) -> None:
+        self._touched.add(turn_id)
+        if len(self._touched) > TOUCHED_PRUNE_AT:
+            # Only turns running here need leaving; the others ended or live elsewhere.
+            live = self.runtime.manager.live
+            self._touched = {t for t in self._touched if t in live}
+
     def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:
         old = self._remote.pop(turn_id, None)
         if old is not None:
             old.cancel()
         self._remote[turn_id] = task
-        task.add_done_callback(lambda t, tid=turn_id: self._remote_done(tid, t))
+        task.add_done_callback(functools.partial(self._remote_done, turn_id))
 
     def _remote_done(self, turn_id: str, task: asyncio.Task[None]) -> None:
         if self._remote.get(turn_id) is task:
@@ -305,7 +458,7 @@ class Connection:
             while True:
                 while not self.outbox:
                     if self._close_code is not None:
-                        await self._close(self._close_code)
+                        await self._close(self._close_code, self._close_reason)
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -316,7 +469,7 @@ class Connection:
                 else:
                     await send_text(data)  # type: ignore[arg-type]
                 if self._close_code is not None and not self.outbox:
-                    await self._close(self._close_code)
+                    await self._close(self._close_code, self._close_reason)
                     return
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
@@ -327,9 +480,19 @@ class Connection:
         A shared sweeper rather than a task per socket: 10,000 idle phones
         would otherwise mean 10,000 sleeping tasks and as many wake-ups.
         """
-        if not self._beating or self._close_code is not None:
+        if self._dropped:
             return
         s = self.runtime.settings
+        stuck_s = s.stuck_timeout_ms / 1000.0
+        if self._close_code is not None:
+            # A close was asked for (4408, a flood, a shutdown) and waits behind
+            # frames the peer does not take: it gets the stuck timeout, like any frame.
+            if not self._close_sent and now - self._close_requested_at > stuck_s:
+                self._drop_slow_consumer(f"its close frame waited {now - self._close_requested_at:.1f} s",
+                                         self._close_code)
+            return
+        if not self._beating:
+            return
         if now - self._last_rx >= s.heartbeat_timeout_ms / 1000.0:
             self._beating = False
             self.runtime.metrics.heartbeat_timeout()
@@ -337,14 +500,10 @@ class Connection:
             self._request_close(close_codes.HEARTBEAT_TIMEOUT)
             return
         stalled = self.outbox.stalled_since
-        if stalled is not None and now - stalled > s.stuck_timeout_ms / 1000.0:
+        if stalled is not None and now - stalled > stuck_s:
             # Frames have waited this long with none taken: the phone stopped
             # reading. Close it; its turns stay resumable.
-            self._beating = False
-            log.info("session %s: nothing sent for %.1fs; closing the stuck socket",
-                     self.session_id, now - stalled)
-            self.runtime.metrics.slow_consumer_closed()
-            self._drop_stuck()
+            self._drop_slow_consumer(f"nothing sent for {now - stalled:.1f} s", close_codes.POLICY)
             return
         if now >= self._next_ping:
             self.push(frames.ping(int(time.time() * 1000)))
@@ -352,18 +511,30 @@ class Connection:
 
     async def close_going_away(self) -> None:
         """Server shutdown: tell the client to reconnect, possibly elsewhere (1001)."""
-        self._request_close(close_codes.GOING_AWAY)
+        self._request_close(close_codes.GOING_AWAY, "server shutting down")
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     s = runtime.settings
-    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), s.allowed_origins):
+    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), s.allowed_origins,
+                          loopback_only=s.auth == "dev"):
         # Closing before accept makes the server answer the handshake with 403.
         await ws.close(code=close_codes.POLICY)
         return
     subprotocol = choose_subprotocol(list(ws.scope.get("subprotocols") or []))
-    await ws.accept(subprotocol=subprotocol)
+    try:
+        await ws.accept(subprotocol=subprotocol)
+    except (RuntimeError, OSError, WebSocketDisconnect):
+        return  # closed before the app could accept (the server dropped it meanwhile)
+    if getattr(ws.app.state, "draining", False):
+        # The server is shutting down: a socket that got in during the drain is
+        # told to go elsewhere, like every other (never ready and then 1012).
+        try:
+            await ws.close(code=close_codes.GOING_AWAY, reason="server shutting down")
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            pass
+        return
     conn = Connection(ws, runtime, codec_for(subprotocol))
     runtime.connections.add(conn)
     try:

@@ -37,6 +37,17 @@ class Metrics:
         self.slow_consumers = Counter("rapport_slow_consumer_closes_total",
                                       "Connections closed because they stopped reading", registry=r)
         self.bad_frames = Counter("rapport_bad_frames_total", "Client frames refused", ["code"], registry=r)
+        self.rate_limited_frames = Counter("rapport_rate_limited_frames_total",
+                                           "Client frames refused by the per-socket frame rate", registry=r)
+        self.flood_closes = Counter("rapport_flood_closes_total",
+                                    "Connections closed 1008 for sending frames far over the rate", registry=r)
+        self.unauthenticated = Gauge("rapport_unauthenticated_connections",
+                                     "Connections not yet authenticated (before their request or hello)",
+                                     registry=r)
+        self.unauthenticated_closes = Counter(
+            "rapport_unauthenticated_closes_total",
+            "Connections closed before authenticating, by why (a deadline, the cap, oversized headers)",
+            ["reason"], registry=r)
         self.engine_running = Gauge("rapport_engine_running_requests", "Requests in the engine's batch",
                                     registry=r)
         self.engine_waiting = Gauge("rapport_engine_waiting_requests", "Requests queued in the engine",
@@ -64,6 +75,15 @@ class Metrics:
 
     def slow_consumer_closed(self) -> None:
         self.slow_consumers.inc()
+
+    def frame_rate_limited(self) -> None:
+        self.rate_limited_frames.inc()
+
+    def flood_closed(self) -> None:
+        self.flood_closes.inc()
+
+    def unauthenticated_closed(self, reason: str) -> None:
+        self.unauthenticated_closes.labels(reason).inc()
 
     def refused(self, reason: str) -> None:
         self.admissions_refused.labels(reason).inc()

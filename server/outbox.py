@@ -12,13 +12,19 @@ a replayed backlog, so a merged frame never overlaps what the socket already
 carried. Clients that did not ask get one frame per delta, as in version 1.
 
 A socket that stays stuck is closed by its connection: when more than
-``max_frames`` frames wait, or when nothing has been sent for a while although
-frames wait (see :attr:`stalled_since`). Its turns keep running and stay
-resumable.
+``max_frames`` frames or ``max_bytes`` bytes wait, or when nothing has been
+sent for a while although frames wait (see :attr:`stalled_since`). Its turns
+keep running and stay resumable.
+
+Bytes, not only frames: one ``history.get`` answer can hold half a megabyte,
+so 2,048 of them would be a gigabyte for one socket that never reads. A
+frame's bytes are what its Python objects occupy (:func:`frame_bytes`), which
+is what the server's memory actually holds while the frame waits.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -30,12 +36,40 @@ class OutboxOverflow(RapportError):
     code = "internal"
 
 
-class Outbox:
-    __slots__ = ("_frames", "max_frames", "coalesce", "_open", "merged", "stalled_since")
+#: What a delta frame's dict and its small fields occupy besides its text.
+_DELTA_OVERHEAD = sys.getsizeof({"type": "", "turn_id": "", "seq": 0, "text": ""}) + 64
 
-    def __init__(self, max_frames: int = 1024, *, coalesce: bool = False) -> None:
+
+def frame_bytes(frame: dict[str, Any]) -> int:
+    """Memory a queued frame holds: the sizes of its containers and values, recursively.
+
+    Deltas, the bulk of all frames, take a shortcut: the dict and small fields
+    are a constant, the text is what varies (and what merging grows).
+    """
+    if frame.get("type") == "turn.delta":
+        return _DELTA_OVERHEAD + sys.getsizeof(frame.get("text", ""))
+    total = 0
+    stack: list[Any] = [frame]
+    while stack:
+        obj = stack.pop()
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total
+
+
+class Outbox:
+    __slots__ = ("_frames", "max_frames", "max_bytes", "bytes", "coalesce", "_open", "merged", "stalled_since")
+
+    def __init__(self, max_frames: int = 1024, *, max_bytes: int | None = None, coalesce: bool = False) -> None:
         self._frames: deque[dict[str, Any]] = deque()
         self.max_frames = max_frames
+        # None: frames only. A frame put into an empty outbox is always taken, however
+        # large, so that one big answer (a full history page) can always be sent.
+        self.max_bytes = max_bytes
+        self.bytes = 0  # what the queued frames hold, by frame_bytes()
         self.coalesce = coalesce
         # turn_id -> that turn's newest queued frame, while it is a live delta
         # that later deltas may still be merged into.
@@ -55,8 +89,10 @@ class Outbox:
                     copy = {**pending, "seq_start": pending["seq"]}
                     self._replace(pending, copy)
                     pending = copy
+                before = sys.getsizeof(pending["text"])
                 pending["seq"] = frame["seq"]
                 pending["text"] += frame["text"]
+                self.bytes += sys.getsizeof(pending["text"]) - before
                 self.merged += 1
                 return
             self._append(frame)
@@ -70,9 +106,13 @@ class Outbox:
     def _append(self, frame: dict[str, Any]) -> None:
         if len(self._frames) >= self.max_frames:
             raise OutboxOverflow(f"more than {self.max_frames} frames waiting to be sent")
+        size = frame_bytes(frame)
+        if self.max_bytes is not None and self._frames and self.bytes + size > self.max_bytes:
+            raise OutboxOverflow(f"more than {self.max_bytes} bytes waiting to be sent")
         if not self._frames:
             self.stalled_since = time.monotonic()
         self._frames.append(frame)
+        self.bytes += size
 
     def _replace(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         # The open frame of a turn is near the tail; search from there.
@@ -88,8 +128,17 @@ class Outbox:
         turn_id = frame.get("turn_id")
         if turn_id is not None and self._open.get(turn_id) is frame:
             del self._open[turn_id]
+        # The same measure as when it was queued (merges were added as they happened).
+        self.bytes = 0 if not self._frames else self.bytes - frame_bytes(frame)
         self.stalled_since = time.monotonic() if self._frames else None
         return frame
+
+    def clear(self) -> None:
+        """Drop every queued frame (the socket is being closed: nobody will read them)."""
+        self._frames.clear()
+        self._open.clear()
+        self.bytes = 0
+        self.stalled_since = None
 
     def __len__(self) -> int:
         return len(self._frames)

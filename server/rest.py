@@ -93,7 +93,7 @@ def _limit(request: Request) -> int:
     return value
 
 
-def _handled(endpoint):  # type: ignore[no-untyped-def]
+def _handled(endpoint):
     """Turn every RapportError of ``endpoint`` into the JSON error answer."""
 
     async def wrapper(request: Request) -> Response:
@@ -159,7 +159,7 @@ class _Canceller:
     def __init__(self, user_id: str) -> None:
         self.user_id = user_id
 
-    def push(self, frame: dict[str, Any]) -> None:
+    def push(self, frame: dict[str, Any], *, live: bool = False) -> None:
         pass
 
     def adopt(self, turn_id: str, task: asyncio.Task[None]) -> None:

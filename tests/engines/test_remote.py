@@ -22,9 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -51,6 +48,7 @@ from server.engines.base import (  # noqa: E402
 )
 from server.engines.remote import RemoteEngine  # noqa: E402
 from server.engines.replica_health import parse_vllm_load  # noqa: E402
+from testkit.servers import VllmServer  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -68,96 +66,12 @@ SYSTEM = (
 ) * 6
 
 
-class VllmServer:
-    """One ``vllm.entrypoints.openai.api_server`` child process on a loopback port."""
-
-    def __init__(self, model: str, log_dir: str, name: str) -> None:
-        self.model = model
-        self.name = name
-        self.port = free_port()
-        self.log_path = Path(log_dir) / f"vllm-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--dtype", "float32", "--max-model-len", "2048",
-            "--enforce-eager", "--enable-prompt-tokens-details",
-            "--served-model-name", SERVED_NAME, "--max-num-seqs", "8",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
-        with open(self.log_path, "ab") as log:
-            # A new session: the engine-core child is in this process group too.
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self._t0 = time.monotonic()
-
-    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = self._t0 + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server {self.name} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    self.start_seconds = time.monotonic() - self._t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM server {self.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (API server and engine core)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pass
-        # Whatever is left of the group (the engine core after a crash, say).
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5.0).text
-        running, waiting = parse_vllm_load(text)
-        value = {"vllm:num_requests_running": running, "vllm:num_requests_waiting": waiting}[name]
-        assert value is not None, f"{name} missing from /metrics"
-        return value
+def vllm_metric(server: VllmServer, name: str) -> float:
+    text = httpx.get(server.base + "/metrics", timeout=5.0).text
+    running, waiting = parse_vllm_load(text)
+    value = {"vllm:num_requests_running": running, "vllm:num_requests_waiting": waiting}[name]
+    assert value is not None, f"{name} missing from /metrics"
+    return value
 
 
 def _model_folder() -> str:
@@ -178,29 +92,30 @@ def servers(request):
     """Two vLLM OpenAI servers, started concurrently; killed at teardown."""
     model = _model_folder()
     log_dir = tempfile.mkdtemp(prefix="rapport-remote-test-")
-    pair = [VllmServer(model, log_dir, "a"), VllmServer(model, log_dir, "b")]
+    pair = [VllmServer(model, served_name=SERVED_NAME, extra=["--max-num-seqs", "8"], name=f"vllm-{n}",
+                        log_dir=log_dir) for n in ("a", "b")]
     failed_before = request.session.testsfailed
     try:
         for s in pair:
-            s.start()
+            s.start(wait_ready=False)
         with ThreadPoolExecutor(2) as pool:
-            for f in [pool.submit(s.wait_healthy) for s in pair]:
+            for f in [pool.submit(s.wait_ready, START_TIMEOUT_S) for s in pair]:
                 f.result()
-        print(f"\nvLLM servers healthy after {pair[0].start_seconds:.1f}s and "
-              f"{pair[1].start_seconds:.1f}s (started together); logs in {log_dir}")
+        print(f"\nvLLM servers healthy after {pair[0].startup_s:.1f}s and "
+              f"{pair[1].startup_s:.1f}s (started together); logs in {log_dir}")
         yield pair
     finally:
         for s in pair:
             s.stop()
         if request.session.testsfailed > failed_before:
             for s in pair:
-                print(f"\n----- {s.log_path} (tail) -----\n{s.log_tail()}")
+                print(f"\n----- {s.log_path} (tail) -----\n{s.log()}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(servers):
     # The second URL is given with /v1: both spellings are accepted.
-    eng = RemoteEngine([servers[0].url, servers[1].url + "/v1"], health_interval_s=0.5)
+    eng = RemoteEngine([servers[0].base, servers[1].base + "/v1"], health_interval_s=0.5)
     t0 = time.monotonic()
     await asyncio.wait_for(eng.start(), 240)
     # Both replicas warmed, not only the first one.
@@ -214,7 +129,7 @@ async def engine(servers):
 
 
 def by_url(servers, url: str) -> VllmServer:
-    return next(s for s in servers if s.url == url)
+    return next(s for s in servers if s.base == url)
 
 
 def request_for(user: str, *messages: ChatMessage, **sampling: object) -> EngineRequest:
@@ -266,7 +181,7 @@ async def test_discovers_the_served_model(engine: RemoteEngine):
 
 
 async def test_a_users_turns_stick_to_one_replica(engine: RemoteEngine, servers):
-    urls = [s.url for s in servers]
+    urls = [s.base for s in servers]
     users = [user_preferring(engine, urls[0], "stick"), user_preferring(engine, urls[1], "stick"),
              *(f"stick-extra-{uuid.uuid4().hex[:6]}-{i}" for i in range(4))]
     counts_before = engine.request_counts()
@@ -332,11 +247,11 @@ async def test_closing_the_generator_aborts_the_upstream_request(engine: RemoteE
         got.append(event)
         if len(got) >= 3:
             break
-    await wait_for(lambda: server.metric("vllm:num_requests_running") == 1, 5.0,
+    await wait_for(lambda: vllm_metric(server, "vllm:num_requests_running") == 1, 5.0,
                    "vLLM does not show the request running")
     await stream.aclose()
     assert engine.inflight() == 0
-    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+    await wait_for(lambda: vllm_metric(server, "vllm:num_requests_running") == 0, 5.0,
                    "vLLM still runs the closed request")
 
 
@@ -360,7 +275,7 @@ async def test_abort_by_id_and_consumer_cancel_close_the_upstream(engine: Remote
     await engine.abort(req.request_id)
     events = await asyncio.wait_for(task, 10)
     assert events and not any(isinstance(e, EngineFinish) for e in events)
-    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+    await wait_for(lambda: vllm_metric(server, "vllm:num_requests_running") == 0, 5.0,
                    "vLLM still runs the aborted request")
 
     # Cancelling the consuming task does the same.
@@ -373,14 +288,14 @@ async def test_abort_by_id_and_consumer_cancel_close_the_upstream(engine: Remote
     with pytest.raises(asyncio.CancelledError):
         await task
     assert engine.inflight() == 0
-    await wait_for(lambda: server.metric("vllm:num_requests_running") == 0, 5.0,
+    await wait_for(lambda: vllm_metric(server, "vllm:num_requests_running") == 0, 5.0,
                    "vLLM still runs the cancelled request")
 
 
 async def test_a_turn_through_the_gateway(servers, redis_url):
     prefix = f"rapport-test-remote:{uuid.uuid4().hex[:8]}:"
     gateway = ServerProcess(prefix=prefix, extra=[
-        "--engine", "remote", "--upstream", servers[0].url, "--upstream", servers[1].url,
+        "--engine", "remote", "--upstream", servers[0].base, "--upstream", servers[1].base,
         "--auth", "dev",
     ])
     from wire import assert_contiguous, open_ws, stream_turn
@@ -405,7 +320,7 @@ async def test_a_turn_through_the_gateway(servers, redis_url):
 async def test_a_replica_that_refuses_before_any_output_is_skipped(servers):
     """A replica dead since the last health check costs the user nothing."""
     dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    eng = RemoteEngine([servers[0].url, dead_url], health_interval_s=60)
+    eng = RemoteEngine([servers[0].base, dead_url], health_interval_s=60)
     try:
         await asyncio.wait_for(eng.start(), 120)
         dead = next(r for r in eng.replicas if r.url == dead_url)
@@ -417,9 +332,9 @@ async def test_a_replica_that_refuses_before_any_output_is_skipped(servers):
         req = request_for(user, ChatMessage("user", "Hello!"), max_tokens=4)
         deltas, finish = await collect(eng, req)
         assert deltas and finish.completion_tokens > 0
-        assert eng.served_by(req.request_id) == servers[0].url
+        assert eng.served_by(req.request_id) == servers[0].base
         assert not dead.routable and dead.failures == 1
-        assert eng.replica_for(user) == servers[0].url
+        assert eng.replica_for(user) == servers[0].base
     finally:
         await eng.close()
 
@@ -449,12 +364,12 @@ async def test_failover_when_a_replica_dies_mid_turn(engine: RemoteEngine, serve
     assert not next(r for r in engine.replica_stats() if r["url"] == victim_url)["routable"]
 
     # The user's next turn goes to the live replica.
-    assert engine.replica_for(user) == survivor.url
+    assert engine.replica_for(user) == survivor.base
     history.append(ChatMessage("assistant", "".join(d.text for d in received)))
     history.append(ChatMessage("user", "Go on, please."))
     nxt = request_for(user, *history)
     deltas, finish = await collect(engine, nxt)
-    assert engine.served_by(nxt.request_id) == survivor.url
+    assert engine.served_by(nxt.request_id) == survivor.base
     assert deltas and finish.completion_tokens > 0
     assert engine.ready
 
@@ -463,21 +378,21 @@ async def test_a_recovered_replica_takes_its_users_back(engine: RemoteEngine, se
     dead = next((s for s in servers if not s.alive()), None)
     if dead is None:
         pytest.skip("needs the failover test's killed replica")
-    user = user_preferring(engine, dead.url, "recover")
+    user = user_preferring(engine, dead.base, "recover")
     # Meanwhile the user is served by the other replica...
-    assert engine.replica_for(user) != dead.url
+    assert engine.replica_for(user) != dead.base
     req = request_for(user, ChatMessage("user", "Hi!"), max_tokens=4)
     await collect(engine, req)
-    assert engine.served_by(req.request_id) != dead.url
+    assert engine.served_by(req.request_id) != dead.base
 
     # ...and comes back once the replica passes its health check again.
-    dead.start()
-    await asyncio.to_thread(dead.wait_healthy)
-    print(f"restarted vLLM server healthy after {dead.start_seconds:.1f}s")
+    dead.start(wait_ready=False)
+    await asyncio.to_thread(dead.wait_ready, START_TIMEOUT_S)
+    print(f"restarted vLLM server healthy after {dead.startup_s:.1f}s")
     deadline = time.monotonic() + 30
-    while engine.replica_for(user) != dead.url:
+    while engine.replica_for(user) != dead.base:
         assert time.monotonic() < deadline, engine.replica_stats()
         await asyncio.sleep(0.1)
     req = request_for(user, ChatMessage("user", "Hi again!"), max_tokens=4)
     await collect(engine, req)
-    assert engine.served_by(req.request_id) == dead.url
+    assert engine.served_by(req.request_id) == dead.base

@@ -263,3 +263,38 @@ def test_bearer_token_feeds_verify() -> None:
     tok = token()
     assert AUTH.identify(header_token=bearer_token(f"Bearer {tok}"), hello_token=None,
                          hello_user=None) == "alice"
+
+
+# ---------------------------------------------------------------- claims the attacker's review found
+
+
+def test_a_sub_with_a_lone_surrogate_is_refused_with_a_clear_reason() -> None:
+    # JSON may carry "\ud800" escapes; they decode to a str that no UTF-8 layer
+    # (Redis keys, logs, close reasons) can encode.
+    tok = token(sub="a\ud800b")
+    assert jwt.decode(tok, SECRET, algorithms=["HS256"])["sub"] == "a\ud800b"  # validly signed
+    err = unauthorized(AUTH, tok)
+    assert "unicode" in err.message.lower()
+    err.message.encode("utf-8")  # the reason itself can go into a close frame
+
+
+@pytest.mark.parametrize("user", ["\ud800", "a\udfffb", "\udc80x"])
+def test_user_ids_with_lone_surrogates_are_refused(user: str) -> None:
+    with pytest.raises(Unauthorized):
+        check_user_id(user)
+    with pytest.raises(Unauthorized):
+        DEV.identify(header_token=None, hello_token=None, hello_user=user)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", ["9999999999", "1e10", True, ["9999999999"]])
+def test_numeric_date_claims_must_be_json_numbers(claim: str, value: Any) -> None:
+    # RFC 7519 section 4.1.4: exp (like nbf and iat) is a NumericDate, a JSON number.
+    claims: dict[str, Any] = {"exp": int(time.time()) + 300, "iat": int(time.time()) - 10}
+    claims[claim] = value
+    unauthorized(AUTH, token(claims))
+
+
+def test_numeric_dates_may_be_fractional() -> None:
+    now = time.time()
+    assert AUTH.verify(token({"exp": now + 300.5, "iat": now - 1.25, "nbf": now - 2.5})) == "alice"

@@ -295,3 +295,72 @@ def test_config_error_code() -> None:
 ])
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+# ---------------------------------------------------------------- the JWT secret's strength
+
+
+@pytest.mark.parametrize("secret", ["x", "short-secret", "s" * 31])
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5"])
+def test_a_short_jwt_secret_off_loopback_is_refused(secret: str, host: str) -> None:
+    # RFC 7518 section 3.2: an HMAC key at least as long as the hash (32 bytes for HS256).
+    err = config_error("--host", host, "--jwt-secret", secret)
+    assert "--jwt-secret" in err.message and "32 bytes" in err.message
+    config_error(RAPPORT_HOST=host, RAPPORT_JWT_SECRET=secret)
+
+
+@pytest.mark.parametrize(("alg", "minimum"), [("HS256", 32), ("HS384", 48), ("HS512", 64)])
+def test_the_minimum_secret_length_follows_the_hash(alg: str, minimum: int) -> None:
+    assert load("--host", "0.0.0.0", "--jwt-algorithm", alg, "--jwt-secret", "k" * minimum).jwt_secret
+    err = config_error("--host", "0.0.0.0", "--jwt-algorithm", alg, "--jwt-secret", "k" * (minimum - 1))
+    assert f"{minimum} bytes" in err.message
+
+
+def test_the_secret_length_counts_bytes() -> None:
+    # 11 characters, 33 bytes in UTF-8.
+    assert load("--host", "0.0.0.0", "--jwt-secret", "秘" * 11).jwt_secret == "秘" * 11
+
+
+def test_the_public_development_secret_is_refused_off_loopback() -> None:
+    err = config_error("--host", "0.0.0.0", "--jwt-secret", DEV_JWT_SECRET)
+    assert "development" in err.message
+
+
+def test_a_short_secret_is_still_allowed_on_loopback() -> None:
+    assert load("--jwt-secret", "x").jwt_secret == "x"
+
+
+# ---------------------------------------------------------------- limits on unauthenticated clients
+
+
+def test_hardening_defaults() -> None:
+    s = load()
+    assert s.request_header_timeout_ms == 10_000
+    assert s.request_body_timeout_ms == 30_000
+    assert s.max_unauthenticated_connections == 0  # a share of the descriptor limit
+    assert s.outbox_max_bytes == 8 * 1024 * 1024
+    assert s.frames_per_second == 20.0
+    assert s.frame_burst == 60
+
+
+def test_hardening_flags_and_env() -> None:
+    s = load("--request-header-timeout-ms", "500", "--max-unauthenticated-connections", "64",
+             "--outbox-max-bytes", "1048576", "--frames-per-second", "2.5",
+             RAPPORT_REQUEST_BODY_TIMEOUT_MS="700", RAPPORT_FRAME_BURST="10")
+    assert (s.request_header_timeout_ms, s.request_body_timeout_ms) == (500, 700)
+    assert s.max_unauthenticated_connections == 64
+    assert s.outbox_max_bytes == 1_048_576
+    assert (s.frames_per_second, s.frame_burst) == (2.5, 10)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--request-header-timeout-ms", "0"],
+    ["--request-body-timeout-ms", "-1"],
+    ["--max-unauthenticated-connections", "-1"],
+    ["--outbox-max-bytes", "1000"],
+    ["--frames-per-second", "0"],
+    ["--frame-burst", "0"],
+    ["--outbox-max-frames", "0"],
+])
+def test_hardening_values_are_validated(argv: list[str]) -> None:
+    config_error(*argv)
