@@ -12,4 +12,6 @@ none of them imports it.
 * :mod:`testkit.redis_prefix`: deleting every key under a prefix;
 * :mod:`testkit.procstats`: a process's RSS, CPU time and open fds from /proc;
 * :mod:`testkit.metrics`: a server's Prometheus samples, parsed.
+* :mod:`testkit.fuzzing`: seeded generators of hostile frames and requests
+  for the fuzz test and ``bench/fuzz.py``.
 """

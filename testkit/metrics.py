@@ -19,6 +19,14 @@ def parse(text: str) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+async def scrape_async(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """:func:`scrape` for tests that run on an event loop."""
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        resp = await http.get(base_url.rstrip("/") + "/metrics")
+    resp.raise_for_status()
+    return parse(resp.text)
+
+
 def scrape(base_url: str, timeout: float = 5.0) -> dict[str, float]:
     """The samples of ``base_url/metrics``; empty when the server does not answer."""
     try:

@@ -170,7 +170,10 @@ class ReplicaMonitor:
 def parse_vllm_load(text: str) -> tuple[int | None, int | None]:
     """``vllm:num_requests_running`` and ``vllm:num_requests_waiting`` from a /metrics page.
 
-    Summed over engines (data-parallel servers report one series each).
+    Summed over engines (data-parallel servers report one series each). Read
+    line by line rather than with prometheus_client's parser on purpose: that
+    parser rejects a whole page for one malformed line, and one odd series of
+    another version's vLLM must not blind admission control to the two we need.
     """
     running: float | None = None
     waiting: float | None = None

@@ -22,6 +22,7 @@ from server.admission import AdmissionController
 from server.engines.base import Engine, EngineLoad, EngineRequest, SamplingOptions
 from server.engines.simulated import SimulatedEngine
 from sessions.messages import ChatMessage
+from testkit.metrics import parse as parse_metrics
 
 # ---------------------------------------------------------------- unit tests
 
@@ -210,10 +211,7 @@ def crowded_server(redis_url):
 
 
 def _metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    return parse_metrics(text).get(name)
 
 
 async def _wait_engine_idle(server: ServerProcess, timeout: float = 10.0) -> None:

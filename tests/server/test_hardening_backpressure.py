@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import time
 import uuid
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 from conftest import ServerProcess, clean_prefix
@@ -37,6 +35,7 @@ from server.config import Settings
 from server.gateway import Connection
 from server.metrics import Metrics
 from sessions.keys import KeySpace
+from testkit.metrics import scrape_async
 
 # ---------------------------------------------------------------- helpers
 
@@ -65,10 +64,7 @@ async def stuck_client(server: ServerProcess, user: str):
 
 
 async def metric(server: ServerProcess, name: str) -> float:
-    async with httpx.AsyncClient() as http:
-        body = (await http.get(server.base + "/metrics")).text
-    match = re.search(rf"^{name} ([0-9.e+]+)$", body, re.M)
-    return float(match.group(1)) if match else 0.0
+    return (await scrape_async(server.base)).get(name, 0.0)
 
 
 def server_log(server: ServerProcess) -> str:

@@ -4,7 +4,6 @@ a real server process (simulated engine) and real Redis."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ import openai
 import pytest
 from conftest import ServerProcess, clean_prefix, make_token
 from openai import AsyncOpenAI
+
+from testkit.metrics import scrape
 
 # A slower decode step than the shared fixtures, so long generations stay
 # running for many seconds; a high turn rate so the tests never hit the limit.
@@ -44,10 +45,7 @@ def served_model(server: ServerProcess) -> str:
 
 
 def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{server.base}/metrics", timeout=10).text
-    pattern = re.compile(rf"^{re.escape(name + labels)} (\S+)$", re.MULTILINE)
-    m = pattern.search(text)
-    return float(m.group(1)) if m else 0.0
+    return scrape(server.base, timeout=10).get(name + labels, 0.0)
 
 
 async def wait_metric(server: ServerProcess, name: str, want: float, timeout: float = 15.0) -> float:

@@ -15,7 +15,6 @@ import base64
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -26,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -36,6 +34,7 @@ from wire import open_ws, recv, send
 
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
+from testkit.metrics import scrape_async
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,11 +156,9 @@ async def wait_for(predicate, timeout: float, interval: float = 0.05):
 
 
 async def metric(server: ServerProcess, name: str) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(server.base + "/metrics", timeout=5.0)).text
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert m is not None, f"{name} not in /metrics"
-    return float(m.group(1))
+    samples = await scrape_async(server.base)
+    assert name in samples, f"{name} not in /metrics"
+    return samples[name]
 
 
 # ---------------------------------------------------------------- guarantee 3: detached grace

@@ -17,6 +17,7 @@ from wire import open_ws, recv, recv_until, send
 
 from sessions.keys import KeySpace, glob_escape
 from sessions.store import ConversationStore
+from testkit.metrics import parse as parse_metrics
 
 # Replies of 400 simulated tokens at 20 ms a step: a turn runs for 8 s or more,
 # long enough to act on it while it runs.
@@ -286,9 +287,7 @@ async def wait_running(server: ServerProcess, want: int, timeout: float = 15.0) 
     async with httpx.AsyncClient(timeout=10) as client:
         while time.monotonic() < deadline:
             text = (await client.get(f"{server.base}/metrics")).text
-            for line in text.splitlines():
-                if line.startswith("rapport_engine_running_requests "):
-                    value = float(line.split()[1])
+            value = parse_metrics(text).get("rapport_engine_running_requests", value)
             if value == want:
                 return
             await asyncio.sleep(0.1)

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import time
 import uuid
 
-import httpx
 import pytest
 from conftest import ServerProcess, clean_prefix
 from websockets.asyncio.client import connect
 from wire import JSON, open_ws, recv_until, send
 
 from server.outbox import Outbox
+from testkit.metrics import scrape_async
 
 
 def delta(turn: str, seq: int, text: str) -> dict:
@@ -128,10 +127,7 @@ async def test_a_lagging_socket_gets_merged_deltas_and_every_word(slow_server):
 
 
 async def metric(server: ServerProcess, name: str) -> float:
-    async with httpx.AsyncClient() as http:
-        body = (await http.get(server.base + "/metrics")).text
-    match = re.search(rf"^{name} ([0-9.e+]+)$", body, re.M)
-    return float(match.group(1)) if match else 0.0
+    return (await scrape_async(server.base)).get(name, 0.0)
 
 
 async def test_a_stuck_socket_is_closed_and_others_stream_on(slow_server):
