@@ -132,6 +132,8 @@ class Coordinator:
         # Since when (monotonic s) this process has reached Redis without a
         # failure; None while it is failing (see reap_once).
         self._healthy_since: float | None = None
+        # When (monotonic s) this process last got an answer while reaping.
+        self._last_answer: float | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,9 +181,17 @@ class Coordinator:
         leases still expired after a full lease of good health are reaped.
         """
         now = time.monotonic()
-        if self._healthy_since is None:
+        lease_s = self.leases.lease_ms / 1000.0
+        # A Redis that stops answering without failing (a stalled server, a
+        # paused process: commands wait instead of being refused) lets leases
+        # run out just the same, and when it resumes, a query sent during the
+        # stall answers as if nothing happened. So a silence longer than a
+        # renewal period (a third of a lease; reaping asks more often) counts
+        # as an outage too, whether or not a command failed.
+        if self._healthy_since is None or self._last_answer is None or now - self._last_answer > lease_s / 3:
             self._healthy_since = now
-        return now - self._healthy_since >= self.leases.lease_ms / 1000.0
+        self._last_answer = now
+        return now - self._healthy_since >= lease_s
 
     async def reap_once(self) -> int:
         ended = 0

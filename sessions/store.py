@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -33,13 +35,17 @@ import redis.exceptions as rexc
 from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
 from sessions.keys import KeySpace
 
+log = logging.getLogger("rapport.store")
+
 __all__ = [
     "BeginOutcome",
     "ConversationStore",
     "HistoryMessage",
     "LogDelta",
     "LogEnd",
+    "RETRY_AFTER_MS",
     "TurnRecord",
+    "storage_unavailable",
 ]
 
 # ---------------------------------------------------------------------------
@@ -251,8 +257,42 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+#: What ``unavailable`` tells a client to wait before trying again while Redis is away.
+RETRY_AFTER_MS = 1000
+
+# At most one log line per this many seconds about Redis failures: an outage
+# makes every request fail, and the log should say so without drowning.
+_LOG_EVERY_S = 5.0
+_last_logged = 0.0
+_unlogged = 0
+
+
+def _log_failure(exc: BaseException, where: str) -> None:
+    global _last_logged, _unlogged
+    now = time.monotonic()
+    if now - _last_logged < _LOG_EVERY_S:
+        _unlogged += 1
+        return
+    log.warning("redis failed in %s: %s: %s (%d more failures since the last report)",
+                where, type(exc).__name__, exc, _unlogged)
+    _last_logged, _unlogged = now, 0
+
+
+def storage_unavailable() -> Unavailable:
+    """The ``unavailable`` error for a Redis outage, as a client may see it.
+
+    Its text is fixed: the exception text of a failed connection names Redis'
+    host and port, which is for the server's log only.
+    """
+    return Unavailable("storage unavailable; retry shortly", retry_after_ms=RETRY_AFTER_MS)
+
+
 def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
-    """Re-raise Redis connectivity failures as Unavailable, other Redis errors as RapportError."""
+    """Re-raise Redis connectivity failures as Unavailable, other Redis errors as RapportError.
+
+    The details (which may name the server's address) go to the log, not into
+    the message, which reaches clients.
+    """
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -261,9 +301,11 @@ def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]
         except RapportError:
             raise
         except _UNAVAILABLE_ERRORS as exc:
-            raise Unavailable(f"storage unavailable: {type(exc).__name__}: {exc}") from exc
+            _log_failure(exc, fn.__qualname__)
+            raise storage_unavailable() from exc
         except rexc.RedisError as exc:
-            raise RapportError(f"storage error: {type(exc).__name__}: {exc}") from exc
+            log.error("redis error in %s: %s: %s", fn.__qualname__, type(exc).__name__, exc)
+            raise RapportError("storage error") from exc
 
     return wrapper
 
@@ -440,7 +482,7 @@ class ConversationStore:
             if kind == "in_progress":
                 return BeginOutcome("in_progress", None, res[1])
             raise RapportError(f"begin_turn: unexpected script answer {kind!r}")
-        raise Unavailable("begin_turn: too much contention, try again")
+        raise Unavailable("begin_turn: too much contention, try again", retry_after_ms=RETRY_AFTER_MS)
 
     @staticmethod
     def _new_record(
@@ -704,7 +746,7 @@ class ConversationStore:
             if kind == "ok":
                 return int(res[1])
             raise RapportError(f"unexpected script answer {kind!r}")
-        raise Unavailable("too much contention, try again")
+        raise Unavailable("too much contention, try again", retry_after_ms=RETRY_AFTER_MS)
 
     @redis_guarded
     async def clear_history(self, *, user_id: str, conversation_id: str) -> None:

@@ -90,21 +90,40 @@ async def test_a_short_outage_is_retried_and_loses_no_delta() -> None:
     await writer.close()
 
 
-async def test_an_outage_longer_than_the_retry_time_is_given_up_and_drain_returns() -> None:
+async def test_an_outage_of_any_length_is_retried_and_later_deltas_never_overtake_earlier_ones() -> None:
+    # The retry time is short, the outage long: the old writer gave the first
+    # batch up and then wrote the second one, leaving a hole in the log.
+    store = RecordingStore(failures=-1)
+    writer = DeltaLogWriter(store, retry_s=0.1)  # type: ignore[arg-type]
+    writer.add("u", "t1", 1, "first ")
+    await asyncio.sleep(0.4)
+    writer.add("u", "t1", 2, "second ")
+    writer.add("v", "t2", 1, "other ")
+    await asyncio.sleep(0.4)
+    assert store.calls == []
+    store.failures = 0  # Redis is back
+    assert await asyncio.wait_for(writer.drain("u", "t1"), 5.0)
+    assert await asyncio.wait_for(writer.drain("v", "t2"), 5.0)
+    assert store.written("t1") == [(1, "first "), (2, "second ")]
+    assert store.written("t2") == [(1, "other ")]
+    await writer.close()
+
+
+async def test_close_during_an_outage_gives_up_after_the_retry_time_and_reports_the_turn_unwritten() -> None:
     store = RecordingStore(failures=-1)
     writer = DeltaLogWriter(store, retry_s=0.2)  # type: ignore[arg-type]
     writer.add("u", "t1", 1, "lost")
+    drained = asyncio.create_task(writer.drain("u", "t1"))
     started = time.monotonic()
-    await asyncio.wait_for(writer.drain("u", "t1"), 5.0)
+    await asyncio.wait_for(writer.close(), 5.0)
     assert 0.2 <= time.monotonic() - started < 3.0
-    assert store.calls == []
-    await asyncio.wait_for(writer.close(), 1.0)
-    # The writer keeps working once Redis is back.
+    assert await asyncio.wait_for(drained, 1.0) is False
+    # Nothing written after a write given up: a later delta would follow a hole.
     store.failures = 0
-    writer.add("u", "t1", 2, "kept")
-    await asyncio.wait_for(writer.drain("u", "t1"), 1.0)
-    assert store.written("t1") == [(2, "kept")]
-    await writer.close()
+    writer.add("u", "t1", 2, "after")
+    await asyncio.sleep(0.05)
+    assert store.calls == []
+    assert await writer.drain("u", "t1") is False
 
 
 async def test_close_waits_for_the_last_write() -> None:

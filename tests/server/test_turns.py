@@ -19,11 +19,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from protocol import frames
-from protocol.errors import EngineError, NotFound
+from protocol.errors import EngineError, NotFound, Unavailable
 from server.engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, EngineLoad, EngineRequest
 from server.turns import TurnManager, TurnPolicy, now_ms
 from sessions.keys import KeySpace, glob_escape
-from sessions.store import ConversationStore
+from sessions.store import ConversationStore, LogDelta, LogEnd
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -348,3 +348,100 @@ async def test_shutdown_ends_the_turns_still_running_interrupted(env: Env) -> No
     assert end["finish_reason"] == "interrupted" and end["text"] == "cut"
     assert manager.live == {}
     assert await stored(env, "alice", turn_id) == ("interrupted", "cut")
+
+
+# ---------------------------------------------------------------- Redis away for longer than any retry time
+
+
+class FlakyStore(ConversationStore):
+    """The real store, with Redis "away" for the writes a turn makes while ``away`` is set.
+
+    ``begin_lost_reply`` makes the next begin_turn take effect in Redis but
+    raise Unavailable, as when the reply is lost to a dropped connection.
+    """
+
+    away = False
+    begin_lost_reply = False
+
+    async def begin_turn(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        outcome = await super().begin_turn(**kwargs)
+        if self.begin_lost_reply:
+            self.begin_lost_reply = False
+            raise Unavailable("storage unavailable; retry shortly", retry_after_ms=1000)
+        return outcome
+
+    async def append_deltas_many(self, batches: Any) -> dict[str, str]:
+        if self.away:
+            raise Unavailable("storage unavailable; retry shortly", retry_after_ms=1000)
+        return await super().append_deltas_many(batches)
+
+    async def finish_turn(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        if self.away:
+            raise Unavailable("storage unavailable; retry shortly", retry_after_ms=1000)
+        return await super().finish_turn(**kwargs)
+
+
+@pytest.fixture
+def flaky(env: Env) -> FlakyStore:
+    store = FlakyStore(env.store.redis, env.store.keys)
+    env.store = store
+    return store
+
+
+async def test_an_outage_longer_than_the_retry_time_holds_the_end_until_history_has_it(
+        env: Env, flaky: FlakyStore) -> None:
+    # store_retry_s is 1 s; Redis is away for 4 s while the turn streams and ends.
+    release = asyncio.Event()
+    manager = env.manager(scripted(EngineDelta("Hel", 1), release.wait, EngineDelta("lo", 1),
+                                   EngineDelta(" you", 1), finish("stop", tokens=3)))
+    alice = Recorder("alice")
+    turn_id = await start(manager, alice)
+    await alice.delta_count(1)
+    flaky.away = True
+    release.set()
+    await alice.delta_count(3)  # deltas still reach the socket during the outage
+    await asyncio.sleep(4.0)
+    # Neither the end nor a different story: nothing until Redis has it.
+    assert not [f for f in alice.frames if f["type"] == "turn.end"]
+    record = await env.store.get_turn(user_id="alice", turn_id=turn_id)
+    assert record is not None and record.status == "running"
+    flaky.away = False
+    end = await alice.end(timeout=5.0)
+    assert (end["finish_reason"], end["text"], end["seq"]) == ("stop", "Hello you", 3)
+    assert await stored(env, "alice", turn_id) == ("stop", "Hello you")
+    history = await env.store.history(user_id="alice", conversation_id="default")
+    assert [(m.role, m.status, m.text) for m in history][-1] == ("assistant", "stop", "Hello you")
+    # The log has every delta, in order, so a resume from 0 concatenates to the end's text.
+    log = await env.store.read_log(user_id="alice", turn_id=turn_id, after_seq=0)
+    assert [e.seq for e in log if isinstance(e, LogDelta)] == [1, 2, 3]
+    assert "".join(e.text for e in log if isinstance(e, LogDelta)) == end["text"]
+    assert isinstance(log[-1], LogEnd) and log[-1].end == end
+    # The conversation is free at once: no lingering turn_in_progress.
+    next_turn = Recorder("alice")
+    await start(manager, next_turn)
+    await next_turn.end()
+
+
+async def test_a_turn_accepted_by_redis_whose_reply_was_lost_is_ended_and_frees_the_conversation(
+        env: Env, flaky: FlakyStore) -> None:
+    manager = env.manager(scripted(EngineDelta("hi", 1), finish()))
+    alice = Recorder("alice")
+    flaky.begin_lost_reply = True
+    with pytest.raises(Unavailable) as ei:
+        await start(manager, alice)
+    assert ei.value.fields.get("retry_after_ms")
+    # The turn record Redis did write is ended (interrupted, nothing said),
+    # rather than holding the conversation until a lease runs out.
+
+    async def free() -> bool:
+        return await env.store.active_turns(user_id="alice") == []
+
+    async with asyncio.timeout(5.0):
+        while not await free():
+            await asyncio.sleep(0.02)
+    history = await env.store.history(user_id="alice", conversation_id="default")
+    assert [(m.role, m.status, m.text) for m in history] == [("user", "complete", "hello"),
+                                                              ("assistant", "interrupted", "")]
+    again = Recorder("alice")
+    await start(manager, again)
+    assert (await again.end())["finish_reason"] == "stop"

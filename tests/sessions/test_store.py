@@ -603,3 +603,24 @@ async def test_append_deltas_many_writes_several_turns_in_one_round_trip(env: En
     failed = await s.append_deltas_many([("alice", alice, [(5, "gap")]), ("bob", bob, [(2, "b2")])])
     assert failed == {alice: "gap after 2"}
     assert (await s.get_turn(user_id="bob", turn_id=bob)).last_seq == 2
+
+
+async def test_unavailable_names_no_address_and_says_when_to_retry() -> None:
+    # The exception text of a refused connection names the host and port; that
+    # is for the server's log, never for the client's error frame or 503 body.
+    dead = aioredis.Redis(
+        host="127.0.0.1", port=1, decode_responses=True, socket_timeout=0.2, socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
+    store = ConversationStore(dead, KeySpace(f"rapport-test:{uuid4().hex}:"))
+    try:
+        for call in (store.ping, lambda: store.history(user_id="u", conversation_id="c"),
+                     lambda: store.append_deltas_many([("u", "t", [(1, "a")])])):
+            with pytest.raises(Unavailable) as ei:
+                await asyncio.wait_for(call(), 10)
+            message = ei.value.message
+            assert "127.0.0.1" not in message and ":1" not in message and "Error" not in message, message
+            assert isinstance(ei.value.fields.get("retry_after_ms"), int)
+            assert ei.value.fields["retry_after_ms"] > 0
+    finally:
+        await dead.aclose()
