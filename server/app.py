@@ -11,7 +11,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from . import openai_api, page, rest
+from . import admin, openai_api, page, rest
+from .audit import bind_peer
 from .config import Settings
 from .engines.base import Engine
 from .gateway import websocket_endpoint
@@ -46,6 +47,8 @@ class RapportApp(Starlette):
     """
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            bind_peer(scope)  # the audit log's peer address for whatever this connection records
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
             scope["app"] = self
             await websocket_endpoint(WebSocket(scope, receive, send))
@@ -75,11 +78,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route("/metrics", metrics),
             *openai_api.routes,
             *rest.routes,
+            *admin.routes,
             *page.routes,
         ],
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.audit = runtime.audit
     # Set by the server when it begins shutting down (server.serving.GatewayServer):
     # the gateway then closes new sockets 1001 instead of serving them.
     app.state.draining = False

@@ -40,6 +40,8 @@ from protocol.errors import RapportError, RateLimited, Unavailable
 from sessions.keys import KeySpace
 from sessions.store import redis_guarded
 
+from .audit import Audit
+
 log = logging.getLogger("rapport.limits")
 
 __all__ = ["ConnectionRegistry", "Permit", "TurnRateLimiter"]
@@ -107,6 +109,8 @@ class TurnRateLimiter:
         self.limit = int(limit)
         self.window_us = int(window_s * 1_000_000)
         self._script = redis.register_script(RATE_LUA)
+        #: Where refusals are recorded (server.audit); None: nowhere.
+        self.audit: Audit | None = None
 
     def key(self, user_id: str) -> str:
         return self.keys.user_key(user_id, "rl:turns")
@@ -132,6 +136,8 @@ class TurnRateLimiter:
         if verdict == 1:
             return Permit(user_id, member)
         retry_ms = max(1, int(-(-int(retry_us) // 1000)))  # ceil
+        if self.audit is not None:
+            self.audit.record("rate_limited", user=user_id, limit=self.limit, retry_after_ms=retry_ms)
         raise RateLimited(
             f"more than {self.limit} turns a minute; retry in {retry_ms / 1000:.1f} s",
             retry_after_ms=retry_ms,
@@ -206,6 +212,8 @@ class ConnectionRegistry:
         self._add = redis.register_script(CONN_ADD_LUA)
         self._refresh = redis.register_script(CONN_REFRESH_LUA)
         self._task: asyncio.Task[None] | None = None
+        #: Where refusals over the cap are recorded (server.audit); None: nowhere.
+        self.audit: Audit | None = None
 
     def key(self, user_id: str) -> str:
         return self.keys.user_key(user_id, "conns")
@@ -213,7 +221,10 @@ class ConnectionRegistry:
     @_guarded
     async def add(self, user_id: str, conn_id: str) -> bool:
         """Record ``conn_id`` for ``user_id`` if the user is under the cap; False when over it."""
-        return int(await self._add(keys=[self.key(user_id)], args=[self.cap, conn_id, self.ttl_ms])) == 1
+        admitted = int(await self._add(keys=[self.key(user_id)], args=[self.cap, conn_id, self.ttl_ms])) == 1
+        if not admitted and self.audit is not None:
+            self.audit.record("connection_cap", user=user_id, cap=self.cap)
+        return admitted
 
     @_guarded
     async def remove(self, user_id: str, conn_id: str) -> None:

@@ -3,7 +3,7 @@
     GET    /v1/conversations                                ids and last activity, newest first
     GET    /v1/conversations/{conversation_id}/messages     one page of history, oldest first
     DELETE /v1/conversations/{conversation_id}              the conversation and its history
-    DELETE /v1/users/me                                     everything stored for the user
+    DELETE /v1/users/me                                     everything stored for the user (audited)
 
 Every endpoint needs ``Authorization: Bearer <jwt>`` (also with ``--auth dev``:
 the development mode only trusts a WebSocket ``hello.user``). Requests only
@@ -32,12 +32,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from protocol.errors import HTTP_STATUS, BadRequest, NotFound, RapportError, Unauthorized, Unavailable
+from protocol.errors import HTTP_STATUS, BadRequest, NotFound, RapportError, Unavailable
 from protocol.frames import MAX_ID_CHARS
+from sessions.store import RETRY_AFTER_MS
 
 from .auth import bearer_token
 
 if TYPE_CHECKING:
+    from .audit import Audit
     from .runtime import Runtime
 
 log = logging.getLogger("rapport.rest")
@@ -53,6 +55,9 @@ def error_response(exc: RapportError) -> Response:
     status = HTTP_STATUS.get(exc.code, 500)
     body: dict[str, Any] = {"code": exc.code, "message": exc.message}
     body.update({k: v for k, v in exc.fields.items() if k in ("turn_id", "retry_after_ms")})
+    if status == 503:
+        # Every 503 says when to try again, in the body as well as Retry-After.
+        body.setdefault("retry_after_ms", RETRY_AFTER_MS)
     headers: dict[str, str] = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="rapport"'
@@ -63,12 +68,12 @@ def error_response(exc: RapportError) -> Response:
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _user(request: Request) -> str:
+async def _user(request: Request) -> str:
     rt: Runtime = request.app.state.runtime
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
-        raise Unauthorized("missing credentials: send 'Authorization: Bearer <jwt>'")
-    return rt.auth.verify(token)
+        raise rt.auth.missing("missing credentials: send 'Authorization: Bearer <jwt>'")
+    return (await rt.auth.authenticate(token)).user_id
 
 
 def _conversation_id(request: Request) -> str:
@@ -112,7 +117,7 @@ def _handled(endpoint):
 
 @_handled
 async def list_conversations(request: Request) -> Response:
-    user_id = _user(request)
+    user_id = await _user(request)
     rt: Runtime = request.app.state.runtime
     rows = await rt.store.list_conversations(user_id=user_id)
     return JSONResponse({"conversations": [
@@ -121,7 +126,7 @@ async def list_conversations(request: Request) -> Response:
 
 @_handled
 async def get_messages(request: Request) -> Response:
-    user_id = _user(request)
+    user_id = await _user(request)
     conv = _conversation_id(request)
     limit = _limit(request)
     before = request.query_params.get("before") or None
@@ -145,7 +150,7 @@ async def get_messages(request: Request) -> Response:
 
 @_handled
 async def delete_conversation(request: Request) -> Response:
-    user_id = _user(request)
+    user_id = await _user(request)
     conv = _conversation_id(request)
     rt: Runtime = request.app.state.runtime
     if not await rt.store.delete_conversation(user_id=user_id, conversation_id=conv):
@@ -169,7 +174,13 @@ class _Canceller:
 @_handled
 async def delete_me(request: Request) -> Response:
     """Forget the user: running turns here are cancelled first, then every key under their tag goes."""
-    user_id = _user(request)
+    user_id = await _user(request)
+    deleted = await erase_user(request, user_id, actor=user_id)
+    return JSONResponse({"user_id": user_id, "deleted": True, "deleted_keys": deleted})
+
+
+async def erase_user(request: Request, user_id: str, *, actor: str) -> int:
+    """Erase ``user_id`` (for themselves or an admin, ``actor``) and audit it; how many keys went."""
     rt: Runtime = request.app.state.runtime
     manager = rt.manager
     canceller = _Canceller(user_id)
@@ -190,7 +201,11 @@ async def delete_me(request: Request) -> Response:
         except TimeoutError:
             log.warning("user deletion: a cancelled turn did not end within %.0fs", CANCEL_WAIT_S)
     deleted = await rt.store.delete_user(user_id=user_id)
-    return JSONResponse({"user_id": user_id, "deleted": True, "deleted_keys": deleted})
+    audit: Audit | None = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        audit.record("user_erased", actor=actor, target=user_id, deleted_keys=deleted)
+        await audit.flush()
+    return deleted
 
 
 routes: list[BaseRoute] = [

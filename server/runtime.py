@@ -20,11 +20,14 @@ from protocol import close_codes
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 
+from .audit import Audit
 from .auth import Authenticator
 from .config import Settings
 from .coordination import Coordinator
 from .engines.base import Engine
 from .metrics import Metrics
+from .moderation import Moderation
+from .moderation import load as load_moderation
 from .turns import TurnManager, TurnPolicy
 
 log = logging.getLogger("rapport")
@@ -112,10 +115,19 @@ class Runtime:
             self.redis, self.keys, idempotency_ttl_s=settings.idempotency_ttl_s,
             delta_log_ttl_s=settings.delta_log_ttl_s, blocking_redis=self.blocking_redis,
         )
-        self.auth = Authenticator(secret=settings.jwt_secret, algorithm=settings.jwt_algorithm,
-                                  dev_mode=settings.auth == "dev")
+        # The audit log has a Redis client of its own, so that entries recorded
+        # while the runtime shuts down (its main pool closing) still get written.
+        self.audit_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                                   socket_connect_timeout=2.0, socket_timeout=10.0)
+        self.audit = Audit(self.audit_redis, self.keys, retention_days=settings.audit_retention_days)
+        # One authenticator per process, shared by the WebSocket, REST, admin and
+        # OpenAI endpoints; it records refusals in the audit log.
+        self.auth = Authenticator.from_settings(settings, audit=self.audit)
+        # Loaded before anything else can fail on it: Settings.validate() has
+        # already read the list (or imported the callable) once, to refuse a bad one.
+        self.moderation = Moderation(load_moderation(settings), audit=self.audit)
         self.manager = TurnManager(
-            store=self.store, engine=self.engine, metrics=self.metrics,
+            store=self.store, engine=self.engine, metrics=self.metrics, moderation=self.moderation,
             policy=TurnPolicy(
                 system_prompt=settings.system_prompt,
                 max_history_turns=settings.max_history_turns,
@@ -142,6 +154,8 @@ class Runtime:
 
         self.rate_limiter = TurnRateLimiter(self.redis, self.keys, limit=settings.turns_per_minute)
         self.conn_registry = ConnectionRegistry(self.redis, self.keys, cap=settings.max_connections_per_user)
+        self.rate_limiter.audit = self.audit
+        self.conn_registry.audit = self.audit
         self.admission = AdmissionController(self.engine, settings.ttft_budget_ms,
                                              reply_tokens=settings.default_max_tokens)
         self.manager.reply_observer = self.admission.observe_reply
@@ -149,6 +163,9 @@ class Runtime:
         self._registered: dict[Peer, str] = {}
 
     async def start(self) -> None:
+        self.audit.start()
+        if self.auth.keys is not None:
+            await self.auth.keys.start()
         # The engine warms up in the background: /healthz answers at once and
         # /readyz turns true when the warm-up generation has completed.
         self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
@@ -204,6 +221,10 @@ class Runtime:
         self._registered.clear()
         await self.redis.aclose()
         await self.blocking_redis.aclose()
+        if self.auth.keys is not None:
+            await self.auth.keys.close()
+        await self.audit.close()
+        await self.audit_redis.aclose()
 
     async def ready(self) -> dict[str, bool]:
         try:

@@ -11,6 +11,7 @@ conversation id, turn id and client turn id)::
     P{u:U}:log:T         stream  the turn's delta log (ids "seq-0", end "last-1")
     Prunning             zset    "user\0turn" -> lease expiry of every running turn
     Pctl:O               pubsub  control messages for server process O
+    Paudit               stream  the deployment's audit log (server.audit)
 
 Every key of one user carries the Redis Cluster hash tag ``{u:U}``, so all of a
 user's keys live in one slot and multi-key Lua scripts work on Cluster.
@@ -107,3 +108,7 @@ class KeySpace:
     def control_channel(self, owner: str) -> str:
         """Pub/sub channel on which the process ``owner`` takes cancel/attach/detach requests."""
         return f"{self.prefix}ctl:{escape_id(owner)}"
+
+    def audit(self) -> str:
+        """stream: the deployment's audit log, one for every process sharing the prefix."""
+        return f"{self.prefix}audit"

@@ -58,8 +58,15 @@ def test_extra_claims_are_fine() -> None:
 
 
 def test_expired_token() -> None:
-    err = unauthorized(AUTH, token(exp=int(time.time()) - 10))
+    err = unauthorized(AUTH, token(exp=int(time.time()) - 120))
     assert "expired" in err.message
+
+
+def test_a_small_clock_skew_is_allowed() -> None:
+    # RFC 7519 section 4.1.4: implementers MAY provide for some small leeway (30 s by default).
+    assert AUTH.verify(token(exp=int(time.time()) - 10)) == "alice"
+    assert AUTH.verify(token(nbf=int(time.time()) + 10)) == "alice"
+    unauthorized(Authenticator(secret=SECRET, leeway_s=0), token(exp=int(time.time()) - 10))
 
 
 def test_wrong_secret() -> None:
@@ -142,7 +149,7 @@ def test_issue_uses_the_pinned_algorithm_and_ttl() -> None:
 
 
 def test_issued_token_with_negative_ttl_is_expired() -> None:
-    unauthorized(AUTH, AUTH.issue("bob", ttl_s=-10))
+    unauthorized(AUTH, AUTH.issue("bob", ttl_s=-120))
 
 
 def test_issued_token_is_bound_to_its_secret() -> None:
@@ -205,7 +212,7 @@ def test_invalid_token_is_not_rescued_by_a_dev_user() -> None:
 
 def test_dev_mode_still_verifies_tokens() -> None:
     assert DEV.verify(token()) == "alice"
-    unauthorized(DEV, token(exp=int(time.time()) - 1))
+    unauthorized(DEV, token(exp=int(time.time()) - 120))
 
 
 @pytest.mark.parametrize("user", ["", "u" * (MAX_USER_ID_CHARS + 1), "a\nb", "\x00", "x\x1f"])
@@ -298,3 +305,77 @@ def test_numeric_date_claims_must_be_json_numbers(claim: str, value: Any) -> Non
 def test_numeric_dates_may_be_fractional() -> None:
     now = time.time()
     assert AUTH.verify(token({"exp": now + 300.5, "iat": now - 1.25, "nbf": now - 2.5})) == "alice"
+
+
+# ---------------------------------------------------------------- roles, reasons, the audit hook
+
+
+def test_roles_from_the_roles_claim() -> None:
+    assert AUTH.authenticate_now(token()).roles == {"user"}
+    ident = AUTH.authenticate_now(token(roles=["admin", "something-else"]))
+    assert ident.roles == {"user", "admin"} and ident.role == "admin"
+    assert ident.has("operator") and ident.has("user") and ident.has("admin")
+    op = AUTH.authenticate_now(token(roles=["operator"]))
+    assert op.has("operator") and not op.has("admin")
+
+
+def test_a_configurable_roles_claim_and_dotted_paths() -> None:
+    cognito = Authenticator(secret=SECRET, roles_claim="cognito:groups")
+    assert cognito.authenticate_now(token({"cognito:groups": ["operator"]})).role == "operator"
+    keycloak = Authenticator(secret=SECRET, roles_claim="realm_access.roles")
+    assert keycloak.authenticate_now(token(realm_access={"roles": ["admin"]})).role == "admin"
+    auth0 = Authenticator(secret=SECRET, roles_claim="https://rapport.example/roles")
+    assert auth0.authenticate_now(token({"https://rapport.example/roles": ["admin"]})).role == "admin"
+
+
+@pytest.mark.parametrize("roles", ["admin", {"admin": True}, [1], ["a"] * 65])
+def test_a_malformed_roles_claim_is_refused_clearly(roles: Any) -> None:
+    err = unauthorized(AUTH, token(roles=roles))
+    assert "list of strings" in err.message
+
+
+def test_development_tokens_are_marked() -> None:
+    from protocol.development import DEV_JWT_SECRET
+
+    dev_secret = Authenticator(secret=DEV_JWT_SECRET)
+    assert dev_secret.authenticate_now(dev_secret.issue("x", roles=["admin"])).development
+    assert not AUTH.authenticate_now(token()).development
+
+
+def test_issue_with_roles() -> None:
+    tok = AUTH.issue("ops", roles=["operator"])
+    assert AUTH.authenticate_now(tok).role == "operator"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, kind: str, /, **fields: Any) -> None:
+        self.entries.append((kind, fields))
+
+
+@pytest.mark.parametrize(("tok", "reason"), [
+    ("garbage", "malformed"),
+    (token(secret=OTHER_SECRET), "bad_signature"),
+    (token(exp=int(time.time()) - 600), "expired"),
+    (token(exp="9999999999"), "claims"),
+    (token(sub="a\nb"), "user_id"),
+])
+def test_every_refusal_is_audited_with_a_reason_code_and_never_the_token(tok: str, reason: str) -> None:
+    recorder = _Recorder()
+    auth = Authenticator(secret=SECRET, audit=recorder)  # type: ignore[arg-type]
+    with pytest.raises(Unauthorized):
+        auth.verify(tok)
+    assert recorder.entries == [("auth_failure", {"reason": reason})]
+    assert tok not in repr(recorder.entries)
+
+
+def test_missing_credentials_and_refused_dev_users_are_audited() -> None:
+    recorder = _Recorder()
+    auth = Authenticator(secret=SECRET, audit=recorder)  # type: ignore[arg-type]
+    with pytest.raises(Unauthorized):
+        auth.identify(header_token=None, hello_token=None, hello_user=None)
+    with pytest.raises(Unauthorized):
+        auth.identify(header_token=None, hello_token=None, hello_user="alice")
+    assert [f["reason"] for _, f in recorder.entries] == ["missing", "dev_user_refused"]
