@@ -68,6 +68,19 @@ class Unavailable(RapportError):
     """A dependency (Redis, the engine) cannot be reached right now."""
 
     code = "unavailable"
+    #: When the raiser cannot tell: the contract promises every `unavailable`
+    #: says when to try again, so a client never has to guess (docs/protocol.md).
+    DEFAULT_RETRY_AFTER_MS = 1000
+
+    def __init__(self, message: str, **fields: object) -> None:
+        fields.setdefault("retry_after_ms", self.DEFAULT_RETRY_AFTER_MS)
+        super().__init__(message, **fields)
+
+
+class ContentFiltered(RapportError):
+    """A user's message the moderation policy refuses; nothing of it is stored."""
+
+    code = "content_filter"
 
 
 class EngineError(RapportError):
@@ -90,6 +103,7 @@ class IllegalTransition(RapportError):
 HTTP_STATUS: dict[str, int] = {
     "bad_request": 400,
     "too_large": 400,
+    "content_filter": 400,
     "context_length_exceeded": 400,
     "unauthorized": 401,
     "not_found": 404,

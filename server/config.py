@@ -10,11 +10,14 @@ import argparse
 import ipaddress
 import os
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 # DEV_JWT_SECRET is used only when no secret is configured and the server
 # listens on loopback, so that `make run` works out of the box.
 from protocol.development import DEV_JWT_SECRET
 from protocol.errors import RapportError
+
+from .identity import ASYMMETRIC_ALGORITHMS
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a warm, attentive companion. Keep replies short and natural, "
@@ -45,6 +48,16 @@ class Settings:
     auth: str = "jwt"
     jwt_secret: str = ""
     jwt_algorithm: str = "HS256"
+    # identity providers, roles and the audit log
+    jwt_algorithms: list[str] = field(default_factory=list)
+    jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: list[str] = field(default_factory=list)
+    jwt_leeway_s: float = 30.0
+    jwks_refresh_s: float = 600.0
+    jwks_min_refetch_s: float = 30.0
+    roles_claim: str = "roles"
+    audit_retention_days: float = 90.0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_history_turns: int = 16
     allowed_origins: list[str] = field(default_factory=list)
@@ -79,6 +92,9 @@ class Settings:
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
     default_temperature: float = 0.7
+    # moderation (server.moderation): a list file and/or a module:callable policy
+    moderation_list: str = ""
+    moderation: str = ""
     # simulated engine (a timing simulation, not a model)
     sim_ttft_ms: float = 40.0
     sim_itl_ms: float = 20.0
@@ -104,7 +120,8 @@ class Settings:
                 "--auth dev trusts any user name and is only allowed while listening on "
                 f"loopback; --host is {self.host}"
             )
-        if self.auth == "jwt" and not self.jwt_secret:
+        self._validate_identity()
+        if self.auth == "jwt" and not self.jwt_secret and not self.jwks_url:
             if not is_loopback(self.host):
                 raise ConfigError("--jwt-secret (or RAPPORT_JWT_SECRET) is required off loopback")
             self.jwt_secret = DEV_JWT_SECRET
@@ -112,14 +129,16 @@ class Settings:
             raise ConfigError("the JWT algorithm must be pinned to a real algorithm, never 'none'")
         if self.auth == "jwt" and self.jwt_secret == DEV_JWT_SECRET and not is_loopback(self.host):
             raise ConfigError("the built-in development JWT secret is public; set your own --jwt-secret off loopback")
-        minimum = HMAC_MIN_SECRET_BYTES.get(self.jwt_algorithm.upper())
+        minimum = max((HMAC_MIN_SECRET_BYTES.get(a.upper(), 0) for a in self.accepted_jwt_algorithms()),
+                      default=0) if not self.jwks_url else 0
         secret_bytes = len(self.jwt_secret.encode("utf-8"))
         if self.auth == "jwt" and minimum and secret_bytes < minimum and not is_loopback(self.host):
             # RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
             # Anyone who guesses a short secret can mint tokens for every user.
             raise ConfigError(
                 f"--jwt-secret (or RAPPORT_JWT_SECRET) must be at least {minimum} bytes for "
-                f"{self.jwt_algorithm.upper()} off loopback (RFC 7518 section 3.2); it is {secret_bytes} bytes. "
+                f"{'/'.join(self.accepted_jwt_algorithms())} off loopback (RFC 7518 section 3.2); "
+                f"it is {secret_bytes} bytes. "
                 "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
             )
         if not self.redis_prefix:
@@ -142,6 +161,62 @@ class Settings:
             raise ConfigError("--frames-per-second must be positive")
         if self.frame_burst < 1:
             raise ConfigError("--frame-burst must be at least 1")
+        if self.moderation_list or self.moderation:
+            # Loaded now, so a bad list or callable stops the server at start.
+            from . import moderation
+
+            try:
+                moderation.load(self)
+            except RapportError as exc:
+                raise ConfigError(exc.message) from None
+        if not self.audit_retention_days > 0:
+            raise ConfigError("--audit-retention-days must be positive")
+
+    def accepted_jwt_algorithms(self) -> list[str]:
+        """``--jwt-algorithms``, or its default: RS256 with ``--jwks-url``, else ``--jwt-algorithm``."""
+        if self.jwt_algorithms:
+            return list(self.jwt_algorithms)
+        return ["RS256"] if self.jwks_url else [self.jwt_algorithm.upper()]
+
+    def _validate_identity(self) -> None:
+        """The accepted algorithms, the identity provider's URL, issuer, audience and roles claim."""
+        self.jwt_algorithms = _split(self.jwt_algorithms)
+        self.jwt_audience = _split(self.jwt_audience)
+        if not self.jwt_algorithm or any(a.lower() == "none" for a in [self.jwt_algorithm, *self.jwt_algorithms]):
+            raise ConfigError("the JWT algorithm must be pinned to a real algorithm, never 'none'")
+        if self.jwks_url:
+            url = urlsplit(self.jwks_url)
+            if url.scheme != "https" and not (url.scheme == "http" and is_loopback(url.hostname or "")):
+                raise ConfigError("--jwks-url must be an https:// URL (http:// only on loopback), "
+                                  f"not {self.jwks_url!r}")
+            wrong = [a for a in self.accepted_jwt_algorithms() if a not in ASYMMETRIC_ALGORITHMS]
+            if wrong:
+                # RFC 8725 section 2.1: a public key must never be usable as an HMAC secret.
+                raise ConfigError(
+                    f"--jwt-algorithms with --jwks-url takes public-key algorithms only "
+                    f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}), not {', '.join(wrong)}")
+            if not is_loopback(self.host) and (not self.jwt_issuer or not self.jwt_audience):
+                # A provider's JWK Set signs tokens for every application it serves
+                # (Firebase: every project): without iss and aud any of them would do.
+                raise ConfigError("--jwks-url needs --jwt-issuer and --jwt-audience off loopback "
+                                  "(otherwise tokens the provider issued for other applications are accepted)")
+        else:
+            self.jwt_algorithms = [a.upper() for a in self.jwt_algorithms]
+            wrong = [a for a in self.accepted_jwt_algorithms() if a not in HMAC_MIN_SECRET_BYTES]
+            if wrong:
+                raise ConfigError(f"{', '.join(wrong)} needs the identity provider's keys: set --jwks-url "
+                                  "(without it only HS256, HS384 and HS512 with --jwt-secret are possible)")
+        if not 0 <= self.jwt_leeway_s <= 300:
+            raise ConfigError("--jwt-leeway-s must be between 0 and 300 seconds")
+        if not self.jwks_refresh_s > 0 or not self.jwks_min_refetch_s > 0:
+            raise ConfigError("--jwks-refresh-s and --jwks-min-refetch-s must be positive")
+        if not self.roles_claim.strip():
+            raise ConfigError("--roles-claim must name a claim")
+
+
+def _split(items: list[str]) -> list[str]:
+    """Repeated flags and comma-separated values alike: ``["RS256,ES256", "EdDSA"]``."""
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
 def is_loopback(host: str) -> bool:
@@ -162,7 +237,18 @@ _HELP: dict[str, str] = {
     "auth": "jwt (Bearer tokens) or dev (trust hello.user; loopback only)",
     "jwt_secret": "HMAC secret for JWTs, at least as long as the hash off loopback (32 bytes for HS256); "
                   "a built-in development secret is used on loopback if empty",
-    "jwt_algorithm": "the only JWT algorithm accepted",
+    "jwt_algorithm": "the HMAC algorithm of --jwt-secret (the only one accepted unless --jwt-algorithms says more)",
+    "jwt_algorithms": "accepted JWT algorithms, comma-separated or repeated (default: RS256 with --jwks-url, "
+                      "else --jwt-algorithm); never none, and public-key ones only with --jwks-url",
+    "jwks_url": "the identity provider's JWK Set URL (https); tokens are then verified with its public keys",
+    "jwt_issuer": "the required iss claim (the identity provider's issuer URL)",
+    "jwt_audience": "an accepted aud claim (repeatable; required with --jwks-url off loopback)",
+    "jwt_leeway_s": "clock skew allowed on exp and nbf, in seconds",
+    "jwks_refresh_s": "refetch the JWK Set this often (keys published ahead of a rotation)",
+    "jwks_min_refetch_s": "a token with an unknown kid refetches the JWK Set at most this often",
+    "roles_claim": "the claim listing the caller's roles (operator, admin); a dotted path such as "
+                   "realm_access.roles also works",
+    "audit_retention_days": "audit log entries older than this are trimmed",
     "system_prompt": "system prompt placed before every conversation",
     "max_history_turns": "past turns the model sees at most",
     "allowed_origins": "browser Origin allowed to open the WebSocket (repeatable; same-origin always allowed)",
@@ -198,6 +284,10 @@ _HELP: dict[str, str] = {
     "default_max_tokens": "reply length when the client does not ask",
     "max_tokens_limit": "the largest max_tokens a client may ask for",
     "default_temperature": "sampling temperature when the client does not ask",
+    "moderation_list": "block list file: one term a line, 're:' for a pattern with a bounded match, "
+                       "'#' comments, 'input:' or 'output:' for one direction (docs/protocol.md)",
+    "moderation": "a moderation policy as module:callable, returning an object with input_blocked(text) "
+                  "and output_filter()",
     "sim_ttft_ms": "simulated engine: time to first token alone",
     "sim_itl_ms": "simulated engine: time per decode step",
     "sim_max_num_seqs": "simulated engine: batch capacity",
@@ -211,7 +301,7 @@ _HELP: dict[str, str] = {
     "log_level": "uvicorn log level",
 }
 
-_LIST_FIELDS = {"allowed_origins", "vllm_arg", "upstream"}
+_LIST_FIELDS = {"allowed_origins", "vllm_arg", "upstream", "jwt_algorithms", "jwt_audience"}
 
 
 def env_name(field_name: str) -> str:

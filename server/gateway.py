@@ -135,6 +135,8 @@ class Connection:
         self.runtime = runtime
         self.codec = codec
         self.user_id = ""
+        #: The roles the token granted (server.auth.ROLES); empty before hello.
+        self.roles: frozenset[str] = frozenset()
         self.session_id = "s_" + uuid.uuid4().hex[:16]
         s = runtime.settings
         self.outbox = Outbox(max_frames=s.outbox_max_frames, max_bytes=s.outbox_max_bytes)
@@ -328,12 +330,16 @@ class Connection:
                         continue
                     self.outbox.coalesce = frame.coalesce
                     try:
-                        self.user_id = self.runtime.auth.identify(
+                        # Awaits the identity provider's keys when the token names a new one;
+                        # refusals are audited by the authenticator (a reason code, never the token).
+                        identity = await self.runtime.auth.resolve(
                             header_token=header_token, hello_token=frame.token, hello_user=frame.user)
                     except Unauthorized as exc:
                         self.push(frames.error_from(exc))
                         await self._flush_then_close(close_codes.UNAUTHORIZED, exc.message)
                         return False
+                    self.user_id = identity.user_id
+                    self.roles = identity.roles
                     break
         except TimeoutError:
             self.push(frames.error("unauthorized", "no valid hello within the time allowed"))
@@ -390,6 +396,9 @@ class Connection:
             case frames.TurnStart():
                 received = time.monotonic() * 1000.0
                 try:
+                    # A blocked message is refused before admission and before
+                    # anything is stored (error content_filter).
+                    rt.moderation.check_input(frame.text, user_id=self.user_id)
                     await rt.admit_turn(self.user_id, client_turn_id=frame.client_turn_id)
                     turn_id = await rt.manager.start(self, frame, received)
                 except RapportError as exc:

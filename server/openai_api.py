@@ -301,6 +301,19 @@ def check_context(req: CompletionRequest, runtime: Runtime) -> int:
     return prompt
 
 
+def check_input(req: CompletionRequest, runtime: Runtime, user_id: str) -> None:
+    """ApiError 400 ``content_filter`` when the moderation policy refuses a user message.
+
+    Every user message is checked, not only the last: the endpoint is stateless,
+    so the whole conversation is the client's input.
+    """
+    for i, m in enumerate(req.messages):
+        if m.role == "user" and runtime.moderation.input_blocked(m.content):
+            runtime.moderation.record_block(user_id=user_id, turn_id=None, direction="input")
+            raise ApiError(400, "content_filter", "the message was blocked by the content policy",
+                           param=f"messages[{i}]")
+
+
 async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -343,14 +356,20 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- auth
 
 
-def authenticate(request: Request, runtime: Runtime) -> str:
-    """The user id of the request's Bearer JWT; ApiError 401 otherwise."""
+async def authenticate(request: Request, runtime: Runtime) -> str:
+    """The user id of the request's Bearer JWT; ApiError 401 otherwise.
+
+    Awaits the identity provider's key set when the token names a key not held
+    yet (a rotation), as the WebSocket and REST endpoints do; refusals, missing
+    credentials included, go to the audit log.
+    """
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
-        raise ApiError(401, "unauthorized",
-                       "missing credentials: send 'Authorization: Bearer <jwt>' (the JWT is the API key)")
+        missing = runtime.auth.missing(
+            "missing credentials: send 'Authorization: Bearer <jwt>' (the JWT is the API key)")
+        raise ApiError(401, "unauthorized", missing.message)
     try:
-        return runtime.auth.verify(token)
+        return (await runtime.auth.authenticate(token)).user_id
     except Unauthorized as exc:
         raise ApiError(401, "unauthorized", exc.message) from None
 
@@ -417,6 +436,9 @@ class CompletionResponse:
         self._refused = False
         self._recorded = False
         self._last_delta_ms: float | None = None
+        # The same output filter as a WebSocket reply: only released text is sent.
+        self._moderation = runtime.moderation
+        self._filter = runtime.moderation.output_filter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -527,19 +549,49 @@ class CompletionResponse:
         event = first
         while True:
             if isinstance(event, EngineFinish):
+                if event.finish_reason in ENGINE_FINISH_REASONS and self._filter is not None:
+                    # A natural end: the held-back tail goes out if it is clean.
+                    text, blocked = self._filter.finish()
+                    if text:
+                        yield self._released(text, 0)
+                    if blocked:
+                        self._blocked(_engine_usage(event))
+                        return
                 ending = self.turn.engine_stopped(event.finish_reason, _engine_usage(event), _ms())
                 if ending.finish_reason not in ENGINE_FINISH_REASONS:
                     raise _GenerationEnded()
                 return
-            out = self.turn.delta(event.text, event.tokens, _ms())
-            if out is not None:
-                self._delta_sent()
-                yield out.text
+            text, blocked = event.text, False
+            if self._filter is not None:
+                text, blocked = self._filter.feed(text)
+            released = self._released(text, event.tokens)
+            if released:
+                yield released
+            if blocked:
+                self._blocked(self._partial_usage())
+                # Abort the engine request now rather than after the last bytes.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                return
             try:
                 event = await anext(stream)
             except StopAsyncIteration:
                 self.turn.engine_stopped(None, self._partial_usage(), _ms())
                 raise _GenerationEnded() from None
+
+    def _released(self, text: str, tokens: int) -> str:
+        """Text the filter released, through the turn; what to send (may be empty)."""
+        out = self.turn.delta(text, tokens, _ms())
+        if out is None:
+            return ""
+        self._delta_sent()
+        return out.text
+
+    def _blocked(self, usage: Usage) -> None:
+        """The filter blocked the reply: it ends ``content_filter``, as OpenAI names it."""
+        self.turn.content_filtered(_ms(), usage)
+        self._moderation.record_block(user_id=self.user_id, turn_id=self.id, direction="output")
 
     def _stopped(self, exc: _GenerationEnded | EngineError, *, retry_after_ms: float | None = None) -> ApiError:
         """The error for a generation that stopped after the response status was decided."""
@@ -642,8 +694,9 @@ async def chat_completions(request: Request) -> Response:
     received = _ms()
     rt: Runtime = request.app.state.runtime
     try:
-        user_id = authenticate(request, rt)
+        user_id = await authenticate(request, rt)
         req = parse_request(_decode_json(await _read_body(request)), rt)
+        check_input(req, rt, user_id)
         prompt_tokens = check_context(req, rt)
         await rt.admit_turn(user_id, prompt_tokens=prompt_tokens)
     except ApiError as exc:
@@ -659,7 +712,7 @@ async def chat_completions(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     rt: Runtime = request.app.state.runtime
     try:
-        authenticate(request, rt)
+        await authenticate(request, rt)
     except ApiError as exc:
         return exc.response()
     engine = rt.engine

@@ -31,22 +31,24 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from protocol import frames
-from protocol.errors import EngineError, TurnInProgress, Unavailable
+from protocol.errors import EngineError, NotFound, RapportError, TurnInProgress, Unavailable
 from sessions.messages import ChatMessage
+from sessions.moderation import OutputFilter
 from sessions.prompt import build_window, pair_history
-from sessions.store import ConversationStore
+from sessions.store import RETRY_AFTER_MS, ConversationStore, TurnRecord
 from sessions.turn import ENGINE_FINISH_REASONS, Attachment, AttachmentState, Ending, Turn, TurnEvent, Usage
 
-from .coordination import Coordinator, wall_ms
+from .coordination import Coordinator, end_orphaned_turn, wall_ms
 from .delta_log import DeltaLogWriter
 from .engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, EngineRequest, SamplingOptions
-from .following import DistantTurns, Follower
+from .following import DistantTurns, Follower, end_frame_of
 from .metrics import Metrics
+from .moderation import Moderation
 
 log = logging.getLogger("rapport.turns")
 
@@ -61,7 +63,9 @@ class TurnPolicy:
     default_max_tokens: int
     max_tokens_limit: int
     default_temperature: float
-    # How long to keep retrying Redis writes for a turn before giving up on them.
+    # At shutdown, how long to keep retrying Redis writes (deltas, ends) before
+    # leaving the turns to the process that reaps their leases. While the
+    # process runs they are retried for as long as Redis is away.
     store_retry_s: float = 30.0
     remote_follow_block_ms: int = 5000
 
@@ -91,6 +95,8 @@ class LiveTurn:
     end_frame: dict[str, Any] | None = None
     last_delta_ms: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The reply's moderation filter: engine text goes through it before the turn sees it.
+    output_filter: OutputFilter | None = None
 
     @property
     def turn_id(self) -> str:
@@ -99,8 +105,11 @@ class LiveTurn:
 
 class TurnManager:
     def __init__(self, *, store: ConversationStore, engine: Engine, policy: TurnPolicy,
-                 metrics: Metrics | None = None, owner: str | None = None) -> None:
+                 metrics: Metrics | None = None, owner: str | None = None,
+                 moderation: Moderation | None = None) -> None:
         self.store = store
+        # Replies pass its output filter; None (or a policy-less one): no moderation.
+        self.moderation = moderation if moderation is not None else Moderation(None)
         self.metrics = metrics
         self.engine = engine
         self.policy = policy
@@ -109,6 +118,10 @@ class TurnManager:
         self.writer = DeltaLogWriter(store, policy.store_retry_s)
         self.distant = DistantTurns(store, block_ms=policy.remote_follow_block_ms)
         self._closing = False
+        # Set when shutdown stops waiting for Redis: the retry loops give up.
+        self._abandon = asyncio.Event()
+        # Tasks settling turn starts whose answer from Redis was lost (see start()).
+        self._settling: set[asyncio.Task[None]] = set()
         # Set by the runtime: leases and control messages across processes.
         self.coordinator: Coordinator | None = None
         # Told the completion tokens of every naturally finished turn (admission learns from it).
@@ -134,9 +147,11 @@ class TurnManager:
         """Handle ``turn.start``: accept (or replay) and stream to ``follower``; the turn id.
 
         Raises TurnInProgress, TooLarge, Unavailable before anything is sent.
+        The reply passes the moderation policy's output filter (the caller has
+        checked the message itself).
         """
         if self._closing:
-            raise Unavailable("the server is shutting down; reconnect")
+            raise Unavailable("the server is shutting down; reconnect", retry_after_ms=RETRY_AFTER_MS)
         user_id = follower.user_id
         sampling = self.sampling_for(start.options)
         # The window is computed before the turn is accepted so that a message
@@ -147,15 +162,23 @@ class TurnManager:
             # The lease exists before the turn does, so a crash at any point
             # after the accept leaves a lease that some process will reap.
             await self.coordinator.leases.take(user_id, turn_id)
-        outcome = await self.store.begin_turn(
-            user_id=user_id,
-            conversation_id=start.conversation_id,
-            client_turn_id=start.client_turn_id,
-            text=start.text,
-            turn_id=turn_id,
-            owner=self.owner,
-            now_ms=wall_ms(),
-        )
+        try:
+            outcome = await self.store.begin_turn(
+                user_id=user_id,
+                conversation_id=start.conversation_id,
+                client_turn_id=start.client_turn_id,
+                text=start.text,
+                turn_id=turn_id,
+                owner=self.owner,
+                now_ms=wall_ms(),
+            )
+        except Unavailable:
+            # The script may have run with only its answer lost (a connection
+            # dropped or timed out on the way back). Such a turn would hold its
+            # conversation (turn_in_progress) until its lease is reaped, a
+            # lease after Redis is back; it is settled as soon as Redis answers.
+            self._settle_later(user_id, turn_id)
+            raise
         if outcome.kind != "accepted" and self.coordinator is not None:
             await self._release_lease(user_id, turn_id)
         if outcome.kind == "in_progress":
@@ -186,6 +209,7 @@ class TurnManager:
             attachment=Attachment(grace_ms=self.policy.detached_grace_ms),
             messages=messages,
             sampling=sampling,
+            output_filter=self.moderation.output_filter(),
         )
         live.followers.add(follower)
         self.live[record.turn_id] = live
@@ -251,12 +275,13 @@ class TurnManager:
         async with contextlib.aclosing(stream):  # closing aborts the engine request
             async for event in stream:
                 if isinstance(event, EngineDelta):
-                    out = turn.delta(event.text, event.tokens, now_ms())
-                    if out is not None:
-                        self._emit(live, out.seq, out.text)
+                    if not self._take(live, event.text, event.tokens):
+                        return  # blocked: leaving the block aborts the engine request
                 else:
                     finish = event
                     break
+        if finish is not None and not self._take(live, None, 0):
+            return  # the held-back tail was blocked
         if finish is None:
             turn.engine_stopped(None, self._partial_usage(live), now_ms())
             return
@@ -271,6 +296,28 @@ class TurnManager:
                 ending.timings["engine_ttft_ms"] = round(finish.engine_ttft_ms, 3)
             if self.reply_observer is not None:
                 self.reply_observer(finish.completion_tokens)
+
+    def _take(self, live: LiveTurn, text: str | None, tokens: int) -> bool:
+        """Engine text through the output filter to the turn and its followers
+        (``None``: the engine finished, release what is held if clean). False when
+        the filter blocked the reply, which has then ended ``content_filter``.
+
+        Only released text reaches the turn, so the followers, the delta log and
+        the stored reply all hold exactly what the user saw.
+        """
+        turn = live.machine
+        blocked = False
+        if live.output_filter is not None:
+            text, blocked = (live.output_filter.finish() if text is None
+                             else live.output_filter.feed(text))
+        if text is not None:
+            out = turn.delta(text, tokens, now_ms())
+            if out is not None:
+                self._emit(live, out.seq, out.text)
+        if blocked:
+            turn.content_filtered(now_ms(), self._partial_usage(live))
+            self.moderation.record_block(user_id=live.user_id, turn_id=live.turn_id, direction="output")
+        return not blocked
 
     def _partial_usage(self, live: LiveTurn) -> Usage:
         return Usage(prompt_tokens=self.engine.count_tokens(live.messages),
@@ -291,25 +338,42 @@ class TurnManager:
         self.writer.add(live.user_id, live.turn_id, seq, text)
 
     async def _finish(self, live: LiveTurn, ending: Ending) -> None:
+        """Store the turn's end, then tell its followers what history now holds.
+
+        The end is stored only behind every delta (guarantee 2) and sent only
+        once stored, so no client is told a different story than history
+        keeps. While Redis is away both are retried for as long as it takes,
+        holding ``turn.end``: the turn stays in ``self.live``, so its lease is
+        renewed as soon as Redis answers and no other process reaps it meanwhile
+        (they reap only after a whole lease of healthy Redis). Only shutdown
+        gives up; then nothing is sent, the sockets close 1001, and whoever
+        reaps the lease ends the turn with what its log holds.
+        """
         for timer in (live.deadline_timer, live.detach_timer):
             if timer is not None:
                 timer.cancel()
-        end = frames.turn_end(turn_id=live.turn_id, seq=ending.seq, finish_reason=ending.finish_reason,
-                              text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings)
+        ours = frames.turn_end(turn_id=live.turn_id, seq=ending.seq, finish_reason=ending.finish_reason,
+                               text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings)
+        # Stays None unless stored: an end never stored is never sent.
+        end: dict[str, Any] | None = None
         try:
-            await self.writer.drain(live.user_id, live.turn_id)
-            await self._store_end(live, ending, end)
+            end = await self._store_end(live, ending, ours)
         finally:
             live.end_frame = end
+            self.writer.forget(live.user_id, live.turn_id)
             if self.metrics is not None:
                 self.metrics.turn_ended(ending.finish_reason, ending.timings, ending.usage.as_dict(),
                                         self.policy.ttft_budget_ms)
-            for follower in tuple(live.followers):
-                follower.push(end)
+            if end is not None:
+                for follower in tuple(live.followers):
+                    follower.push(end)
             live.followers.clear()
             live.done.set()
             self.live.pop(live.turn_id, None)
-            await self._release_lease(live.user_id, live.turn_id)
+            if end is not None:
+                # Given up at shutdown, the lease stays: its expiry is what
+                # makes another process end the turn.
+                await self._release_lease(live.user_id, live.turn_id)
 
     async def _release_lease(self, user_id: str, turn_id: str) -> None:
         if self.coordinator is None:
@@ -320,23 +384,90 @@ class TurnManager:
             # An unreleased lease expires; the reaper then finds the turn ended and skips it.
             log.warning("turn %s: could not release its lease", turn_id)
 
-    async def _store_end(self, live: LiveTurn, ending: Ending, end: dict[str, Any]) -> None:
-        delay = 0.05
-        deadline = time.monotonic() + self.policy.store_retry_s
-        while True:
-            try:
-                await self.store.finish_turn(
+    async def _store_end(self, live: LiveTurn, ending: Ending, end: dict[str, Any]) -> dict[str, Any] | None:
+        """Store the end; the ``turn.end`` history agrees with, or None when given up at shutdown."""
+        if await self.writer.drain(live.user_id, live.turn_id):
+            async def attempt() -> TurnRecord:
+                return await self.store.finish_turn(
                     user_id=live.user_id, turn_id=live.turn_id, finish_reason=ending.finish_reason,
                     text=ending.text, usage=ending.usage.as_dict(), timings=ending.timings,
                     end=end, now_ms=wall_ms(),
                 )
-                return
+        elif self._abandon.is_set():
+            return None
+        else:
+            # Some deltas will never be in the log (not an outage: those are
+            # retried). The end must match what the log holds, so the turn
+            # ends interrupted with the logged text, as a reaper would end it.
+            async def attempt() -> TurnRecord:
+                record = await self.store.get_turn(user_id=live.user_id, turn_id=live.turn_id)
+                if record is None:
+                    raise NotFound("turn not found", turn_id=live.turn_id)
+                return await end_orphaned_turn(self.store, record, "interrupted")
+        try:
+            stored = await self._until_stored(live.turn_id, attempt)
+        except NotFound:
+            return end  # the user was deleted meanwhile: no history to disagree with
+        except RapportError as exc:
+            log.error("turn %s: could not store its end: %s", live.turn_id, exc)
+            return end
+        if stored is None:
+            return None
+        if stored.finish_reason == ending.finish_reason and stored.text == ending.text:
+            return end
+        # Another process ended the turn first (it reaped the lease of a process
+        # cut off from Redis while Redis answered others): its end is history's.
+        log.warning("turn %s: ended elsewhere as %s; sending that end", live.turn_id, stored.finish_reason)
+        return end_frame_of(stored)
+
+    async def _until_stored(self, turn_id: str, attempt: Callable[[], Awaitable[TurnRecord]]) -> TurnRecord | None:
+        """Run ``attempt`` until Redis answers (None once shutdown gives up).
+
+        Not bounded in time: a turn waiting here holds only its memory, and
+        giving up would leave history to say something its client was not told.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await attempt()
             except Unavailable:
-                if time.monotonic() > deadline:
-                    log.error("turn %s: could not store its end; Redis unreachable", live.turn_id)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                if self._abandon.is_set():
+                    log.error("turn %s: could not store its end; Redis unreachable at shutdown", turn_id)
+                    return None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._abandon.wait()
+            delay = min(delay * 2, 1.0)
+
+    def _settle_later(self, user_id: str, turn_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle_lost_start(user_id, turn_id),
+                                                      name=f"settle {turn_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_lost_start(self, user_id: str, turn_id: str) -> None:
+        """End a turn whose accept Redis performed but whose answer was lost.
+
+        Its client was told ``unavailable``; the turn never generated. It ends
+        ``interrupted`` with no text, which is what a replay of its
+        ``client_turn_id`` then answers, and its conversation is free again.
+        """
+        async def attempt() -> TurnRecord:
+            record = await self.store.get_turn(user_id=user_id, turn_id=turn_id)
+            if record is None or record.status != "running" or record.owner != self.owner:
+                raise NotFound("not started", turn_id=turn_id)
+            return await end_orphaned_turn(self.store, record, "interrupted")
+
+        try:
+            if await self._until_stored(turn_id, attempt) is not None:
+                log.warning("turn %s: accepted by Redis while its client was told unavailable; "
+                            "ended interrupted", turn_id)
+        except NotFound:
+            pass  # the accept never happened: nothing to settle
+        except RapportError as exc:
+            log.error("turn %s: could not settle a lost accept: %s", turn_id, exc)
+        if not self._abandon.is_set():
+            await self._release_lease(user_id, turn_id)
 
     # ------------------------------------------------------------ interrupting
 
@@ -453,6 +584,15 @@ class TurnManager:
             # The engine is going away under the turns still running: they end interrupted.
             self._interrupt(live, TurnEvent.ENGINE_FAILED)
         pending = [live.task for live in self.live.values() if live.task is not None]
+        pending += self._settling
         if pending:
+            # Their ends (and deltas) wait for Redis; if it stays away, give
+            # them up and leave the turns to the reaping of their leases.
+            _, waiting = await asyncio.wait(pending, timeout=self.policy.store_retry_s)
+            if waiting:
+                log.error("shutdown: %d turn(s) could not store their ends; leaving them to lease reaping",
+                          len(waiting))
+                self._abandon.set()
+                self.writer.abandon()
             await asyncio.gather(*pending, return_exceptions=True)
         await self.writer.close()

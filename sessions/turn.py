@@ -7,7 +7,7 @@ three lifecycle states::
 
     QUEUED ──delta──▶ STREAMING ──delta──▶ STREAMING
       │                   │
-      └──finish / cancel / detach_expired / engine_failed / internal_error──▶ ENDED
+      └──finish / content_filter / cancel / detach_expired / engine_failed / internal_error──▶ ENDED
       └──deadline (no first token in time)──▶ ENDED
 
 Every legal move is one row of :data:`TRANSITIONS`; anything else raises
@@ -56,6 +56,9 @@ class TurnState(enum.Enum):
 class TurnEvent(enum.Enum):
     DELTA = "delta"
     FINISH = "finish"  # the engine finished on its own (stop or length)
+    # The output filter blocked the reply (sessions.moderation). It comes from the
+    # engine stream, in order, so it is not an interruption.
+    CONTENT_FILTER = "content_filter"
     CANCEL = "cancel"  # the user asked (turn.cancel)
     DETACH_EXPIRED = "detach_expired"  # nobody resumed within the grace period
     ENGINE_FAILED = "engine_failed"  # the engine or its process failed
@@ -65,6 +68,7 @@ class TurnEvent(enum.Enum):
 
 _ENDING_EVENTS = (
     TurnEvent.FINISH,
+    TurnEvent.CONTENT_FILTER,
     TurnEvent.CANCEL,
     TurnEvent.DETACH_EXPIRED,
     TurnEvent.ENGINE_FAILED,
@@ -122,6 +126,7 @@ INTERRUPTIONS: dict[tuple[TurnState, AttachmentState, TurnEvent], TurnState] = {
 
 #: The finish reason each ending event gives (FINISH takes the engine's own).
 FINISH_REASONS: dict[TurnEvent, str] = {
+    TurnEvent.CONTENT_FILTER: "content_filter",
     TurnEvent.CANCEL: "cancelled",
     TurnEvent.DETACH_EXPIRED: "interrupted",
     TurnEvent.ENGINE_FAILED: "interrupted",
@@ -131,7 +136,7 @@ FINISH_REASONS: dict[TurnEvent, str] = {
 
 ENGINE_FINISH_REASONS = frozenset({"stop", "length"})
 ALL_FINISH_REASONS = frozenset(
-    {"stop", "length", "cancelled", "interrupted", "budget_exceeded", "error"}
+    {"stop", "length", "cancelled", "interrupted", "budget_exceeded", "error", "content_filter"}
 )
 
 
@@ -238,6 +243,10 @@ class Turn:
         if finish_reason not in ENGINE_FINISH_REASONS:
             raise IllegalTransition(f"engine finish reason must be stop or length, not {finish_reason!r}")
         return self._end(TurnEvent.FINISH, finish_reason, usage, now_ms)
+
+    def content_filtered(self, now_ms: float, usage: Usage | None = None) -> Ending:
+        """The output filter blocked the reply: it ends with what was released so far."""
+        return self._end(TurnEvent.CONTENT_FILTER, None, usage, now_ms)
 
     def cancel(self, now_ms: float, usage: Usage | None = None) -> Ending:
         return self._end(TurnEvent.CANCEL, None, usage, now_ms)

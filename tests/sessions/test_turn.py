@@ -31,13 +31,16 @@ from sessions.turn import (
 T0 = 1000.0  # received_ms of every turn below
 NOW = 2000.0
 
-# The contract's finish reasons (protocol.md, "finish_reason").
-CONTRACT_FINISH_REASONS = {"stop", "length", "cancelled", "interrupted", "budget_exceeded", "error"}
+# The contract's finish reasons (protocol.md, "finish_reason"), with the
+# addition content_filter (a blocked reply, sessions.moderation).
+CONTRACT_FINISH_REASONS = {"stop", "length", "cancelled", "interrupted", "budget_exceeded", "error",
+                           "content_filter"}
 
 # How an adapter fires each event: one method per TurnEvent.
 FIRE: dict[TurnEvent, Callable[[Turn, float], object]] = {
     TurnEvent.DELTA: lambda t, now: t.delta("x", 1, now),
     TurnEvent.FINISH: lambda t, now: t.finish("stop", Usage(1, 2, 0), now),
+    TurnEvent.CONTENT_FILTER: lambda t, now: t.content_filtered(now),
     TurnEvent.CANCEL: lambda t, now: t.cancel(now),
     TurnEvent.DETACH_EXPIRED: lambda t, now: t.expire_detached(now),
     TurnEvent.ENGINE_FAILED: lambda t, now: t.engine_failed(now),
@@ -78,7 +81,7 @@ def test_transition_table_is_the_documented_lifecycle() -> None:
     expected = {(TurnState.QUEUED, TurnEvent.DELTA): TurnState.STREAMING,
                 (TurnState.STREAMING, TurnEvent.DELTA): TurnState.STREAMING,
                 (TurnState.QUEUED, TurnEvent.DEADLINE): TurnState.ENDED}
-    for event in (TurnEvent.FINISH, TurnEvent.CANCEL, TurnEvent.DETACH_EXPIRED,
+    for event in (TurnEvent.FINISH, TurnEvent.CONTENT_FILTER, TurnEvent.CANCEL, TurnEvent.DETACH_EXPIRED,
                   TurnEvent.ENGINE_FAILED, TurnEvent.INTERNAL_ERROR):
         expected[(TurnState.QUEUED, event)] = TurnState.ENDED
         expected[(TurnState.STREAMING, event)] = TurnState.ENDED
@@ -346,6 +349,7 @@ def test_all_finish_reasons_match_the_contract() -> None:
 
 
 @pytest.mark.parametrize(("event", "reason"), [
+    (TurnEvent.CONTENT_FILTER, "content_filter"),
     (TurnEvent.CANCEL, "cancelled"),
     (TurnEvent.DETACH_EXPIRED, "interrupted"),
     (TurnEvent.ENGINE_FAILED, "interrupted"),
@@ -419,6 +423,7 @@ def test_ending_without_usage_counts_completion_tokens_seen() -> None:
 def test_non_engine_endings_accept_an_explicit_usage(event: TurnEvent) -> None:
     usage = Usage(7, 8, 9)
     method = {
+        TurnEvent.CONTENT_FILTER: Turn.content_filtered,
         TurnEvent.CANCEL: Turn.cancel,
         TurnEvent.DETACH_EXPIRED: Turn.expire_detached,
         TurnEvent.ENGINE_FAILED: Turn.engine_failed,
@@ -565,8 +570,10 @@ def test_zero_grace_expires_at_once() -> None:
 # ---------------------------------------------------------------- interruptions
 
 
-def test_interruptions_are_every_ending_but_the_engines_own() -> None:
-    assert set(INTERRUPTING_EVENTS) == set(ENDING_EVENTS) - {TurnEvent.FINISH}
+def test_interruptions_are_every_ending_but_the_engine_streams_own() -> None:
+    # The engine's finish and the output filter's block both come from the
+    # engine stream, in order: neither can arrive too late.
+    assert set(INTERRUPTING_EVENTS) == set(ENDING_EVENTS) - {TurnEvent.FINISH, TurnEvent.CONTENT_FILTER}
 
 
 def test_interruptions_have_a_row_for_every_state_and_attachment() -> None:
@@ -610,7 +617,8 @@ def test_interrupt_does_what_its_row_says(state: TurnState, attachment: Attachme
         assert not turn.would_end(event, attachment)
 
 
-@pytest.mark.parametrize("event", [TurnEvent.DELTA, TurnEvent.FINISH], ids=lambda e: e.value)
+@pytest.mark.parametrize("event", [TurnEvent.DELTA, TurnEvent.FINISH, TurnEvent.CONTENT_FILTER],
+                         ids=lambda e: e.value)
 @pytest.mark.parametrize("state", list(TurnState), ids=lambda s: s.value)
 def test_engine_stream_events_are_not_interruptions(state: TurnState, event: TurnEvent) -> None:
     turn = turn_in(state)
@@ -698,3 +706,18 @@ def test_engine_stopped_after_the_end_is_illegal(reason: str | None) -> None:
     with pytest.raises(IllegalTransition):
         turn.engine_stopped(reason, Usage(), NOW)
     assert turn.ending is first
+
+
+# ---------------------------------------------------------------- a blocked reply
+
+
+@pytest.mark.parametrize("state", [TurnState.QUEUED, TurnState.STREAMING], ids=lambda s: s.value)
+def test_a_blocked_reply_ends_content_filter_with_what_was_released(state: TurnState) -> None:
+    turn = turn_in(state)
+    before = (turn.seq, turn.text, turn.first_delta_ms)
+    ending = turn.content_filtered(NOW)
+    assert ending.finish_reason == "content_filter"
+    assert (ending.seq, ending.text, turn.first_delta_ms) == before
+    assert turn.state is TurnState.ENDED
+    with pytest.raises(IllegalTransition):
+        turn.content_filtered(NOW)
