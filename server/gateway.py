@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rapport.gateway")
 
+#: How long the handshake waits on Redis (the connection cap, the list of
+#: running turns) before it goes on without it: well inside the deadline from
+#: upgrade to `ready` (the hello timeout plus a few seconds, server.serving), so
+#: a stalled Redis never costs a phone its connection.
+HANDSHAKE_STORAGE_TIMEOUT_S = 1.5
+
 #: The scope extension through which the server's WebSocket protocol offers
 #: itself (``server.serving.GuardedWebSocketProtocol``); absent elsewhere.
 SOCKET_EXTENSION = "rapport.socket"
@@ -345,16 +351,23 @@ class Connection:
             self.push(frames.error("unauthorized", "no valid hello within the time allowed"))
             await self._flush_then_close(close_codes.UNAUTHORIZED, "hello timeout")
             return False
-        refusal = await self.runtime.connection_opened(self)
+        refusal = await self.runtime.connection_opened(self, HANDSHAKE_STORAGE_TIMEOUT_S)
         if refusal is not None:
             await self._flush_then_close(refusal, "too many connections for this user")
             return False
         if self._close_code is not None:
             return False  # closed meanwhile (a shutdown): no ready for a socket on its way out
         try:
-            active = await self.runtime.manager.active_turns(self.user_id)
+            async with asyncio.timeout(HANDSHAKE_STORAGE_TIMEOUT_S):
+                active = await self.runtime.manager.active_turns(self.user_id)
         except Unavailable as exc:
             self.push(frames.error_from(exc))
+            active = []
+        except TimeoutError:
+            # A stalled Redis (paused, or partitioned without a reset) answers
+            # nothing at all; the phone still gets `ready`, told why its list
+            # of running turns is empty and when to ask again.
+            self.push(frames.error_from(Unavailable("storage unavailable; retry shortly")))
             active = []
         self._touched.update(t["turn_id"] for t in active)
         self.push(frames.ready(

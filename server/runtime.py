@@ -239,7 +239,7 @@ class Runtime:
 
     # ------------------------------------------------------------ hooks for limits
 
-    async def connection_opened(self, conn: Peer) -> int | None:
+    async def connection_opened(self, conn: Peer, timeout_s: float = 1.5) -> int | None:
         """Admit an authenticated connection; a close code refuses it.
 
         Over the per-user cap (counted across every process sharing Redis):
@@ -249,12 +249,14 @@ class Runtime:
         from protocol.errors import Unavailable
 
         try:
-            if not await self.conn_registry.add(conn.user_id, conn.session_id):
+            async with asyncio.timeout(timeout_s):
+                admitted = await self.conn_registry.add(conn.user_id, conn.session_id)
+            if not admitted:
                 log.info("user %s is over %d connections; closing 4429", conn.user_id,
                          self.conn_registry.cap)
                 return close_codes.TOO_MANY_CONNECTIONS
-        except Unavailable as exc:
-            log.warning("connection cap not checked (Redis unavailable): %s", exc)
+        except (Unavailable, TimeoutError) as exc:
+            log.warning("connection cap not checked (Redis unavailable): %r", exc)
         self._registered[conn] = conn.user_id
         self.metrics.connections.inc()
         return None

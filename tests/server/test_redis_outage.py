@@ -30,8 +30,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from conftest import ServerProcess, free_port, make_token
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from wire import open_ws, recv, send
+from wire import JSON, open_ws, recv, send
 
 from protocol.errors import Unavailable
 from server import coordination
@@ -208,6 +209,29 @@ async def test_unavailable_says_when_to_retry_and_never_names_redis(gateways, pr
             assert response.status_code == 503, (path, response.text)
             assert_says_when_and_not_where(response.json()["error"], private_redis.port)
             assert int(response.headers["Retry-After"]) >= 1
+
+
+async def test_a_phone_that_connects_while_redis_is_stalled_still_gets_ready(gateways, private_redis) -> None:
+    """A paused Redis answers nothing (no reset, no error); the handshake must not wait on it past
+    the deadline before ``ready``: the phone gets ``ready`` with an ``unavailable`` saying when to retry."""
+    (srv,) = gateways()
+    private_redis.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        ws = await connect(srv.ws_url, subprotocols=[JSON])
+        try:
+            await send(ws, {"type": "hello", "user": f"stalled-{uuid.uuid4().hex[:8]}"})
+            first = await next_frame(ws, 20)
+            assert_says_when_and_not_where(first, private_redis.port)
+            ready = await next_frame(ws, 20)
+            assert ready["type"] == "ready", ready
+            assert ready["active_turns"] == []
+            # A bound on correctness (inside the hello deadline), not a performance figure.
+            assert time.monotonic() - started < 8.0
+        finally:
+            await ws.close()
+    finally:
+        private_redis.signal(signal.SIGCONT)
 
 
 @dataclass
