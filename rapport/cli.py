@@ -13,9 +13,14 @@ from server.config import ConfigError, Settings, add_arguments, settings_from
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if settings.worker_count() > 1:
+        from server.workers import run_workers
+
+        return run_workers(settings)
     from server.serving import serve
 
-    serve(settings_from(args))
+    serve(settings)
     return 0
 
 

@@ -42,6 +42,8 @@ MIN_OUTBOX_BYTES = 64 * 1024
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # gateway processes on the port ("auto": one per usable core); server.workers
+    workers: str = "1"
     engine: str = "vllm"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "rapport:"
@@ -110,6 +112,18 @@ class Settings:
     upstream: list[str] = field(default_factory=list)
     log_level: str = "info"
 
+    def worker_count(self) -> int:
+        """``--workers`` as a number: ``auto`` is one per core this process may run on."""
+        if self.workers.strip().lower() == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        try:
+            count = int(self.workers)
+        except ValueError:
+            raise ConfigError(f"--workers must be a number or auto, not {self.workers!r}") from None
+        if count < 1:
+            raise ConfigError("--workers must be at least 1")
+        return count
+
     def validate(self) -> None:
         if self.engine not in ("vllm", "remote", "simulated"):
             raise ConfigError(f"--engine must be vllm, remote or simulated, not {self.engine!r}")
@@ -143,6 +157,7 @@ class Settings:
             )
         if not self.redis_prefix:
             raise ConfigError("--redis-prefix must not be empty")
+        self.worker_count()  # refuses a bad --workers
         if self.max_history_turns < 0:
             raise ConfigError("--max-history-turns must be >= 0")
         if self.heartbeat_interval_ms <= 0 or self.heartbeat_timeout_ms <= 0:
@@ -249,6 +264,8 @@ _HELP: dict[str, str] = {
     "roles_claim": "the claim listing the caller's roles (operator, admin); a dotted path such as "
                    "realm_access.roles also works",
     "audit_retention_days": "audit log entries older than this are trimmed",
+    "workers": "gateway processes sharing the port and Redis (auto: one per core); with --engine vllm "
+               "and more than one, they share one vLLM OpenAI server started as a child",
     "system_prompt": "system prompt placed before every conversation",
     "max_history_turns": "past turns the model sees at most",
     "allowed_origins": "browser Origin allowed to open the WebSocket (repeatable; same-origin always allowed)",

@@ -72,6 +72,10 @@ class Leases:
     async def take(self, user_id: str, turn_id: str) -> None:
         await self.redis.zadd(self.key, {lease_member(user_id, turn_id): wall_ms() + self.lease_ms})
 
+    def queue_take(self, pipe: Any, user_id: str, turn_id: str) -> None:
+        """:meth:`take` queued on the caller's pipeline (sent with its other commands)."""
+        pipe.zadd(self.key, {lease_member(user_id, turn_id): wall_ms() + self.lease_ms})
+
     @redis_guarded
     async def renew(self, members: list[tuple[str, str]]) -> None:
         if not members:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from protocol import close_codes
+from protocol.errors import Unavailable
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 
@@ -164,6 +165,12 @@ class Runtime:
 
     async def start(self) -> None:
         self.audit.start()
+        try:
+            async with asyncio.timeout(2.0):
+                await self.store.load_scripts()
+        except (Unavailable, TimeoutError) as exc:
+            # Not fatal: redis-py loads a script the server lacks on first use.
+            log.warning("could not preload the Lua scripts: %r", exc)
         if self.auth.keys is not None:
             await self.auth.keys.start()
         # The engine warms up in the background: /healthz answers at once and

@@ -56,6 +56,9 @@ log = logging.getLogger("rapport")
 #: with 431. websockets itself allows 8 KiB per line for an upgrade.
 MAX_HEADER_BYTES = 64 * 1024
 
+#: The response header naming the worker process that answered (``--workers``).
+WORKER_HEADER = "X-Rapport-Worker"
+
 #: How long a connection being closed may take to flush its last bytes (an
 #: error response, a close frame) before it is aborted.
 CLOSE_GRACE_S = 2.0
@@ -533,10 +536,19 @@ class GatewayServer(uvicorn.Server):
     another process, not get ``ready`` here and then lose the socket again.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, app_state: Any) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, app_state: Any,
+                 on_started: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.app_state = app_state
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # uvicorn sets ``started`` once the lifespan startup passed and it listens;
+        # a supervisor (server.workers) counts the worker as up from here.
+        if self.started and not self.should_exit and self._on_started is not None:
+            self._on_started()
 
     async def shutdown(self, sockets=None) -> None:
         # Connections already accepted but not yet through their hello are closed
@@ -548,9 +560,19 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, sock: socket.socket | None = None, worker: str | None = None,
+          on_started: Callable[[], None] | None = None) -> None:
+    """Run one gateway process until SIGTERM/SIGINT (then drain: 1001, turns finished or ended).
+
+    ``sock``: a listening socket to serve on (a supervisor's, shared with its
+    other workers; see server.workers) instead of binding ``settings.port``.
+    ``worker``: this process's worker id, logged and sent in every HTTP
+    response (the WebSocket upgrade included) as ``X-Rapport-Worker``.
+    ``on_started``: called once the process accepts connections.
+    """
+    where = f" worker {worker}" if worker is not None else ""
     logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
     if settings.engine == "simulated":
         log.warning("engine: SIMULATED (a timing simulation with made-up text, not a model); "
                     "use --engine vllm for real replies")
@@ -581,10 +603,12 @@ def serve(settings: Settings) -> None:
         lifespan="on",
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_drain_s) + 2),
+        headers=[(WORKER_HEADER, worker)] if worker is not None else None,
     )
     log.info("unauthenticated connections: at most %d per process; request headers within %.1f s, "
              "bodies within %.1f s", guard.pending.cap, guard.header_timeout_s, guard.body_timeout_s)
-    GatewayServer(config, runtime, app.state).run(sockets=[listening_socket(settings)])
+    GatewayServer(config, runtime, app.state, on_started).run(
+        sockets=[sock if sock is not None else listening_socket(settings)])
 
 
 def listening_socket(settings: Settings) -> socket.socket:

@@ -148,20 +148,35 @@ class TurnManager:
 
         Raises TurnInProgress, TooLarge, Unavailable before anything is sent.
         The reply passes the moderation policy's output filter (the caller has
-        checked the message itself).
+        checked the message itself, and admitted the turn: rate limit and
+        admission control are one round trip before this one).
+
+        Redis round trips here before the engine sees the prompt: two. The
+        first reads the history and takes the lease in one pipeline; the second
+        is the ``begin_turn`` script.
         """
         if self._closing:
             raise Unavailable("the server is shutting down; reconnect", retry_after_ms=RETRY_AFTER_MS)
         user_id = follower.user_id
         sampling = self.sampling_for(start.options)
-        # The window is computed before the turn is accepted so that a message
-        # the model cannot take is refused (too_large) without touching history.
-        messages = await self._prompt(user_id, start.conversation_id, start.text, sampling)
         turn_id = "t_" + uuid.uuid4().hex
-        if self.coordinator is not None:
-            # The lease exists before the turn does, so a crash at any point
-            # after the accept leaves a lease that some process will reap.
-            await self.coordinator.leases.take(user_id, turn_id)
+        # The lease exists before the turn does (it travels in the first round
+        # trip, the turn is only accepted in the second), so a crash at any
+        # point after the accept leaves a lease that some process will reap. A
+        # lease whose turn never comes to exist is harmless: released below,
+        # or reaped by a process that then finds no record.
+        past_reads = self._past_and_lease(user_id, start.conversation_id, turn_id)
+        try:
+            past = await past_reads
+            # The window is computed before the turn is accepted so that a
+            # message the model cannot take is refused (too_large) without
+            # touching history.
+            messages = self._window(past, start.text, sampling)
+        except Exception:
+            # Refused (or Redis failed) before the turn exists. A cancelled
+            # start leaves its lease to the reaper, which finds no record.
+            await self._release_lease(user_id, turn_id)
+            raise
         try:
             outcome = await self.store.begin_turn(
                 user_id=user_id,
@@ -220,15 +235,29 @@ class TurnManager:
         live.task = loop.create_task(self._generate(live), name=f"turn {record.turn_id}")
         return record.turn_id
 
-    async def _prompt(self, user_id: str, conversation_id: str, text: str,
-                      sampling: SamplingOptions) -> list[ChatMessage]:
+    async def _past_and_lease(self, user_id: str, conversation_id: str,
+                              turn_id: str) -> list[tuple[str, str, str]]:
+        """The newest history of the conversation, and the new turn's lease, in one round trip."""
         p = self.policy
-        past: list[tuple[str, str, str]] = []
-        if p.max_history_turns > 0:
-            # Two messages a turn, plus slack for a trailing unanswered message.
-            entries = await self.store.history(user_id=user_id, conversation_id=conversation_id,
-                                               limit=min(100, 2 * p.max_history_turns + 2))
-            past = [(m.role, m.text, m.turn_id) for m in entries]
+        leases = self.coordinator.leases if self.coordinator is not None else None
+        if p.max_history_turns <= 0:
+            if leases is not None:
+                await leases.take(user_id, turn_id)
+            return []
+
+        def take_lease(pipe: Any) -> None:
+            if leases is not None:
+                leases.queue_take(pipe, user_id, turn_id)
+
+        # Two messages a turn, plus slack for a trailing unanswered message.
+        entries = await self.store.history_with(user_id=user_id, conversation_id=conversation_id,
+                                                limit=min(100, 2 * p.max_history_turns + 2),
+                                                also=take_lease)
+        return [(m.role, m.text, m.turn_id) for m in entries]
+
+    def _window(self, past: list[tuple[str, str, str]], text: str,
+                sampling: SamplingOptions) -> list[ChatMessage]:
+        p = self.policy
         max_prompt = self.engine.max_model_len - sampling.max_tokens
         return build_window(
             system_prompt=p.system_prompt,
@@ -311,9 +340,10 @@ class TurnManager:
             text, blocked = (live.output_filter.finish() if text is None
                              else live.output_filter.feed(text))
         if text is not None:
-            out = turn.delta(text, tokens, now_ms())
+            t = now_ms()
+            out = turn.delta(text, tokens, t)
             if out is not None:
-                self._emit(live, out.seq, out.text)
+                self._emit(live, out.seq, out.text, t)
         if blocked:
             turn.content_filtered(now_ms(), self._partial_usage(live))
             self.moderation.record_block(user_id=live.user_id, turn_id=live.turn_id, direction="output")
@@ -323,12 +353,16 @@ class TurnManager:
         return Usage(prompt_tokens=self.engine.count_tokens(live.messages),
                      completion_tokens=live.machine.completion_tokens)
 
-    def _emit(self, live: LiveTurn, seq: int, text: str) -> None:
+    def _emit(self, live: LiveTurn, seq: int, text: str, t: float) -> None:
+        """One numbered delta (released at ``t``, the turn's clock) to every follower and the delta log.
+
+        Once per delta per turn: the frame is built once and shared by every
+        follower's outbox (an outbox that merges copies it first).
+        """
         if live.deadline_timer is not None:
             live.deadline_timer.cancel()
             live.deadline_timer = None
         if self.metrics is not None:
-            t = now_ms()
             if live.last_delta_ms is not None:
                 self.metrics.delta_gap((t - live.last_delta_ms) / 1000.0)
             live.last_delta_ms = t

@@ -345,6 +345,37 @@ def _log_item(entry_id: str, fields: dict[str, str]) -> LogDelta | LogEnd:
     return LogDelta(seq=int(entry_id.split("-", 1)[0]), text=fields.get("t", ""))
 
 
+def _history_end(limit: object, before: str | None) -> str | None:
+    """The XREVRANGE upper bound for a history page; None: the page is empty."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise BadRequest("limit must be a positive integer")
+    if before is None:
+        return "+"
+    m = _STREAM_ID.match(before) if isinstance(before, str) else None
+    if m is None or int(m.group(1)) > _U64_MAX or int(m.group(2)) > _U64_MAX:
+        raise BadRequest("before is not a message id")
+    if int(m.group(1)) == 0 and int(m.group(2)) == 0:
+        return None
+    return f"({int(m.group(1))}-{int(m.group(2))}"
+
+
+def _history_messages(entries: Sequence[Any]) -> list[HistoryMessage]:
+    """XREVRANGE entries (newest first) as messages, oldest first."""
+    out = [
+        HistoryMessage(
+            id=eid,
+            role=f.get("role", ""),
+            text=f.get("text", ""),
+            turn_id=f.get("turn_id", ""),
+            status=f.get("status", ""),
+            created_at=int(f.get("created_at") or 0),
+        )
+        for eid, f in entries
+    ]
+    out.reverse()
+    return out
+
+
 def _check_id(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be str, not {type(value).__name__}")
@@ -406,6 +437,18 @@ class ConversationStore:
     @redis_guarded
     async def ping(self) -> None:
         await self.redis.ping()
+
+    @redis_guarded
+    async def load_scripts(self) -> None:
+        """Load the Lua scripts into Redis' script cache ahead of their first use.
+
+        The scripts run with EVALSHA; a server that does not know one answers
+        NOSCRIPT and redis-py loads it and tries again: two more round trips on
+        the first turn after a start (or after Redis restarted, which empties
+        the cache). Loading them at start keeps even the first turn at two.
+        """
+        for script in (self._begin, self._append, self._finish, self._drop):
+            await self.redis.script_load(script.script)
 
     # -- turns --------------------------------------------------------------
 
@@ -696,32 +739,31 @@ class ConversationStore:
         self, *, user_id: str, conversation_id: str, limit: int = 50, before: str | None = None
     ) -> list[HistoryMessage]:
         """The newest ``limit`` messages (older than ``before`` when given), oldest first."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise BadRequest("limit must be a positive integer")
-        end = "+"
-        if before is not None:
-            m = _STREAM_ID.match(before) if isinstance(before, str) else None
-            if m is None or int(m.group(1)) > _U64_MAX or int(m.group(2)) > _U64_MAX:
-                raise BadRequest("before is not a message id")
-            if int(m.group(1)) == 0 and int(m.group(2)) == 0:
-                return []
-            end = f"({int(m.group(1))}-{int(m.group(2))}"
+        end = _history_end(limit, before)
+        if end is None:
+            return []
         entries = await self.redis.xrevrange(
             self.keys.history(user_id, conversation_id), max=end, min="-", count=limit
         )
-        out = [
-            HistoryMessage(
-                id=eid,
-                role=f.get("role", ""),
-                text=f.get("text", ""),
-                turn_id=f.get("turn_id", ""),
-                status=f.get("status", ""),
-                created_at=int(f.get("created_at") or 0),
-            )
-            for eid, f in entries
-        ]
-        out.reverse()
-        return out
+        return _history_messages(entries)
+
+    @redis_guarded
+    async def history_with(
+        self, *, user_id: str, conversation_id: str, limit: int, also: Callable[[Any], None]
+    ) -> list[HistoryMessage]:
+        """:meth:`history` (newest ``limit``), with the caller's commands in the same round trip.
+
+        ``also`` queues commands on a non-transactional pipeline: they travel
+        in one write and Redis runs one connection's commands in order, so the
+        caller's commands cost no round trip of their own (but are not atomic
+        with the read). Their replies are not returned; the first error is raised.
+        """
+        _history_end(limit, None)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(self.keys.history(user_id, conversation_id), max="+", min="-", count=limit)
+        also(pipe)
+        replies = await pipe.execute()
+        return _history_messages(replies[0])
 
     async def _drop_conversation(self, user_id: str, conversation_id: str) -> int:
         k = self.keys

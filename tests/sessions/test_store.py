@@ -401,6 +401,24 @@ async def test_history_order_and_paging(env: Env) -> None:
         await s.history(user_id="alice", conversation_id="default", limit=0)
 
 
+async def test_history_with_sends_the_callers_commands_in_the_same_round_trip(env: Env) -> None:
+    for n in range(2):
+        await _complete_turn(env, n)
+    marker = env.keys.user_key("alice", "marker")
+    queued: list[object] = []
+
+    def also(pipe: object) -> None:
+        queued.append(pipe)
+        pipe.set(marker, "1")  # type: ignore[attr-defined]
+
+    hist = await env.store.history_with(user_id="alice", conversation_id="default", limit=3, also=also)
+    assert [m.text for m in hist] == ["a0", "q1", "a1"]
+    assert hist == await env.store.history(user_id="alice", conversation_id="default", limit=3)
+    assert len(queued) == 1 and await env.redis.get(marker) == "1"
+    with pytest.raises(BadRequest):
+        await env.store.history_with(user_id="alice", conversation_id="default", limit=0, also=also)
+
+
 async def test_history_is_bounded(env: Env) -> None:
     store = ConversationStore(env.redis, env.keys, history_max_messages=10)
     for n in range(150):
