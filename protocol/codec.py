@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import msgspec
 
 from .errors import BadRequest
 
@@ -39,6 +40,23 @@ class Codec:
         # ensure_ascii=False keeps Chinese and emoji as UTF-8 rather than
         # \u escapes: smaller frames, and byte-identical text for clients.
         return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+    def encode_frame(self, frame: dict[str, Any]) -> str | bytes:
+        """Encode a server frame on the hot path: msgspec, ~20x faster than ``json.dumps``.
+
+        The same maps on the wire as :meth:`encode` (compact JSON with UTF-8
+        text, MessagePack str / bin types), except that a non-finite float
+        becomes JSON ``null`` rather than the invalid ``NaN``. What msgspec
+        refuses (a lone surrogate, an int beyond 64 bits) goes through
+        :meth:`encode`, so such a frame fails or passes exactly as before.
+        Decoding keeps its guards; only encoding is fast.
+        """
+        try:
+            if self.binary:
+                return _MSGPACK_ENCODE(frame)
+            return _JSON_ENCODE(frame).decode("utf-8")
+        except (TypeError, ValueError, OverflowError):
+            return self.encode(frame)
 
     def decode(self, data: str | bytes) -> dict[str, Any]:
         if self.binary:
@@ -66,6 +84,10 @@ class Codec:
             raise BadRequest("a frame must be a map with a string field 'type'")
         return obj
 
+
+# One encoder each, made once: msgspec's encoders keep their buffers between calls.
+_JSON_ENCODE = msgspec.json.Encoder().encode
+_MSGPACK_ENCODE = msgspec.msgpack.Encoder().encode
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 

@@ -476,21 +476,24 @@ class Connection:
     async def _send_loop(self) -> None:
         send_text, send_bytes = self.ws.send_text, self.ws.send_bytes
         binary = self.codec.binary
+        # Server frames take the codec's fast encoder (msgspec); its output decodes to the same maps.
+        encode = self.codec.encode_frame
+        outbox, wakeup = self.outbox, self._wakeup
         try:
             while True:
-                while not self.outbox:
+                while not outbox:
                     if self._close_code is not None:
                         await self._close(self._close_code, self._close_reason)
                         return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                frame = self.outbox.get()
-                data = self.codec.encode(frame)
+                    wakeup.clear()
+                    await wakeup.wait()
+                frame = outbox.get()
+                data = encode(frame)
                 if binary:
                     await send_bytes(data)  # type: ignore[arg-type]
                 else:
                     await send_text(data)  # type: ignore[arg-type]
-                if self._close_code is not None and not self.outbox:
+                if self._close_code is not None and not outbox:
                     await self._close(self._close_code, self._close_reason)
                     return
         except (WebSocketDisconnect, RuntimeError, OSError):

@@ -35,6 +35,7 @@ requests with :class:`protocol.errors.EngineError`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -99,6 +100,15 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+@functools.lru_cache(maxsize=2048)
+def _content_tokens(content: str) -> tuple[str, ...]:
+    """One message's content tokens, remembered: every turn re-tokenises the whole
+    history (the prompt window is counted, then submitted), and the simulation's
+    CPU is counted in the gateway's. Bounded by entries; a message is at most the
+    input (or reply) limit, so the cache stays a few MB at worst."""
+    return tuple(_TOKEN_RE.findall(content))
+
+
 def _template_tokens(messages: Sequence[ChatMessage]) -> list[str]:
     """Tokens of the simulated chat template (ChatML-like), generation prompt included.
 
@@ -109,7 +119,7 @@ def _template_tokens(messages: Sequence[ChatMessage]) -> list[str]:
     for m in messages:
         out.append(_IM_START)
         out.append(m.role)
-        out.extend(_TOKEN_RE.findall(m.content))
+        out.extend(_content_tokens(m.content))
         out.append(_IM_END)
     out.append(_IM_START)
     out.append("assistant")

@@ -456,3 +456,18 @@ async def test_many_concurrent_requests():
         )
         assert all(f.completion_tokens == 20 for _, _, f in results)
         assert engine.load().running == engine.load().waiting == 0
+
+
+def test_template_tokens_are_the_same_when_remembered():
+    """The per-message token cache (_content_tokens) changes no count: the second
+    call for the same history answers from the cache, with the same tokens."""
+    from server.engines.simulated import _content_tokens, _template_tokens
+
+    history = [ChatMessage("system", "Be kind."), ChatMessage("user", "你好, how are you? 😀 fine..."),
+               ChatMessage("assistant", "Soft rain on the window, tonight.")]
+    first = _template_tokens(history)
+    hits = _content_tokens.cache_info().hits
+    assert _template_tokens(history) == first
+    assert _content_tokens.cache_info().hits >= hits + len(history)
+    expected = sum(len(tokenize(m.content)) + 3 for m in history) + 2
+    assert len(first) == expected

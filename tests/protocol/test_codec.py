@@ -230,3 +230,42 @@ def test_codec_for() -> None:
     assert codec_for(None) == JSON and not codec_for(None).binary
     assert codec_for(JSON_SUBPROTOCOL) == JSON
     assert codec_for(MSGPACK_SUBPROTOCOL) == MSGPACK and MSGPACK.binary
+
+
+# ---------------------------------------------------------------- the server's fast encoder
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=["json", "msgpack"])
+@pytest.mark.parametrize("frame", server_frames(), ids=lambda f: f["type"])
+def test_encode_frame_decodes_to_the_same_map_as_encode(codec: Codec, frame: dict[str, Any]) -> None:
+    fast = codec.encode_frame(frame)
+    assert isinstance(fast, bytes if codec.binary else str)
+    assert codec.decode(fast) == codec.decode(codec.encode(frame)) == frame
+
+
+def test_encode_frame_json_is_compact_utf8() -> None:
+    data = JSON.encode_frame(frames.turn_delta("t", 1, TRICKY))
+    assert isinstance(data, str)
+    assert TRICKY.replace("\\", "\\\\").replace('"', '\\"').split("\n")[0] in data
+    assert ", " not in data.split('"text"')[0] and ": " not in data.split('"text"')[0]
+
+
+def test_encode_frame_never_writes_nan_into_json() -> None:
+    data = JSON.encode_frame({"type": "turn.end", "timings": {"ttft_ms": float("nan")}})
+    assert json.loads(data) == {"type": "turn.end", "timings": {"ttft_ms": None}}
+    # Decoding still refuses the constant, whatever the encoder.
+    with pytest.raises(BadRequest):
+        JSON.decode('{"type":"x","v":NaN}')
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=["json", "msgpack"])
+@pytest.mark.parametrize("value", ["lone \ud800 surrogate", 2**70], ids=["surrogate", "bigint"])
+def test_encode_frame_falls_back_to_encode_for_what_msgspec_refuses(codec: Codec, value: Any) -> None:
+    frame = {"type": "turn.delta", "turn_id": "t", "seq": 1, "text": value}
+    try:
+        expected: Any = codec.encode(frame)
+    except (TypeError, ValueError, OverflowError) as exc:
+        with pytest.raises(type(exc)):
+            codec.encode_frame(frame)
+        return
+    assert codec.encode_frame(frame) == expected
