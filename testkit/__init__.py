@@ -10,6 +10,7 @@ none of them imports it.
   child processes in their own process groups, ready once their health URL
   answers, and several gateways sharing one Redis key prefix;
 * :mod:`testkit.redis_prefix`: deleting every key under a prefix;
+* :mod:`testkit.redis_server`: a private ``redis-server`` to stop, pause or kill;
 * :mod:`testkit.procstats`: a process's RSS, CPU time and open fds from /proc;
 * :mod:`testkit.metrics`: a server's Prometheus samples, parsed.
 * :mod:`testkit.fuzzing`: seeded generators of hostile frames and requests

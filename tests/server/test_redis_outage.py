@@ -17,8 +17,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,9 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
-from conftest import ServerProcess, free_port, make_token
+from conftest import ServerProcess, make_token
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from wire import JSON, open_ws, recv, send
@@ -40,69 +37,25 @@ from server.coordination import Coordinator
 from server.rest import error_response
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore, LogDelta, LogEnd
+from testkit.redis_server import RedisServer
 
 OUTAGE_S = float(os.environ.get("RAPPORT_TEST_OUTAGE_S", "100"))
 BASE_FLAGS = ["--engine", "simulated", "--auth", "dev", "--sim-ttft-ms", "20", "--turns-per-minute", "100000",
               "--sim-reply-tokens", "1000"]
 
 
-class RedisProcess:
-    """A private redis-server on a free port, with an append-only file in its own directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="rapport-outage-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--logfile", os.path.join(self.dir, "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.5) as r:
-                    if r.ping():
-                        return
-            except redis.ConnectionError:  # includes BusyLoadingError
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused server must be able to die
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def cleanup(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
-def private_redis() -> Iterator[RedisProcess]:
+def private_redis() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    rp = RedisProcess()
+    rp = RedisServer(appendfsync="everysec")
     rp.start()
     yield rp
     rp.cleanup()
 
 
 @pytest.fixture
-def gateways(private_redis: RedisProcess) -> Iterator[Callable[..., list[ServerProcess]]]:
+def gateways(private_redis: RedisServer) -> Iterator[Callable[..., list[ServerProcess]]]:
     started: list[ServerProcess] = []
 
     def make(*flags: str, count: int = 1) -> list[ServerProcess]:

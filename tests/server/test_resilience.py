@@ -19,8 +19,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,13 +26,14 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 import redis.asyncio as aioredis
-from conftest import REDIS_URL, ServerProcess, clean_prefix, free_port
+from conftest import REDIS_URL, ServerProcess, clean_prefix
 from websockets.exceptions import ConnectionClosed
 from wire import open_ws, recv, send
 
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 from testkit.metrics import scrape_async
+from testkit.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -371,53 +370,11 @@ async def test_sigterm_closes_1001_and_running_turns_finish_or_are_marked(spawn)
 # ---------------------------------------------------------------- Redis goes away
 
 
-class RedisProcess:
-    """A private redis-server with an fsync-always append-only file in its own directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="rapport-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--logfile", os.path.join(self.dir, "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.5) as r:
-                    if r.ping():
-                        return
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.ConnectionError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def cleanup(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
-def private_redis() -> Iterator[RedisProcess]:
+def private_redis() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    rp = RedisProcess()
+    rp = RedisServer(appendfsync="always")
     rp.start()
     yield rp
     rp.cleanup()
