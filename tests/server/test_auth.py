@@ -23,7 +23,9 @@ DEV = Authenticator(secret=SECRET, dev_mode=True)
 
 def token(claims: dict[str, Any] | None = None, *, secret: str = SECRET, alg: str = "HS256",
           **overrides: Any) -> str:
-    body: dict[str, Any] = {"sub": "alice", "exp": int(time.time()) + 300}
+    # A day: parametrize builds these tokens when the suite is collected, and a
+    # whole suite run can take longer than a few minutes.
+    body: dict[str, Any] = {"sub": "alice", "exp": int(time.time()) + 86_400}
     body.update(claims or {})
     body.update(overrides)
     body = {k: v for k, v in body.items() if v is not None}

@@ -120,7 +120,8 @@ async def test_bad_jwt_closes_4401(jwt_server, token_kind):
     user = f"jwt-{uuid.uuid4().hex[:6]}"
     tokens = {
         "missing": None,
-        "expired": make_token(user, ttl=-10),
+        # Expired beyond the server's leeway on exp (--jwt-leeway-s, 30 s by default).
+        "expired": make_token(user, ttl=-120),
         "wrong_secret": make_token(user, secret="not-the-secret-" + "y" * 32),
         "garbage": "abc.def.ghi",
         "alg_none": pyjwt.encode({"sub": user, "exp": int(time.time()) + 60}, None, algorithm="none"),
