@@ -9,9 +9,15 @@ conversation id, turn id and client turn id)::
     P{u:U}:idem:K        string  client_turn_id -> turn_id (idempotency)
     P{u:U}:turn:T        hash    the turn record
     P{u:U}:log:T         stream  the turn's delta log (ids "seq-0", end "last-1")
+    P{u:U}:conv:C        hash    the conversation's binding (character_id) and
+                                 selected alternatives ("sel:<exchange_id>" -> turn_id)
+    P{u:U}:train:X       hash    the training snapshot of exchange X (feedback, selection)
     Prunning             zset    "user\0turn" -> lease expiry of every running turn
     Pctl:O               pubsub  control messages for server process O
     Paudit               stream  the deployment's audit log (server.audit)
+    P{chars}:char:I      string  one character (JSON), I the escaped character id
+    P{chars}:index       zset    character id -> last update (ms)
+    Ptraining            zset    "user\0exchange" -> last update (ms) of every training snapshot
 
 Every key of one user carries the Redis Cluster hash tag ``{u:U}``, so all of a
 user's keys live in one slot and multi-key Lua scripts work on Cluster.
@@ -99,6 +105,14 @@ class KeySpace:
     def delta_log(self, user_id: str, turn_id: str) -> str:
         return f"{self._base(user_id)}:log:{escape_id(turn_id)}"
 
+    def conversation_meta(self, user_id: str, conversation_id: str) -> str:
+        """hash: the conversation's ``character_id`` and ``sel:<exchange_id>`` -> selected turn_id."""
+        return f"{self._base(user_id)}:conv:{escape_id(conversation_id)}"
+
+    def training(self, user_id: str, exchange_id: str) -> str:
+        """hash: the training snapshot of one exchange (prompt, alternatives, ratings, choice)."""
+        return f"{self._base(user_id)}:train:{escape_id(exchange_id)}"
+
     # -- process-level keys (no user tag: each is a single-key structure) --
 
     def running_index(self) -> str:
@@ -108,6 +122,18 @@ class KeySpace:
     def control_channel(self, owner: str) -> str:
         """Pub/sub channel on which the process ``owner`` takes cancel/attach/detach requests."""
         return f"{self.prefix}ctl:{escape_id(owner)}"
+
+    def character(self, character_id: str) -> str:
+        """string: one character's JSON. Every character key shares the ``{chars}`` tag."""
+        return f"{self.prefix}{{chars}}:char:{escape_id(character_id)}"
+
+    def character_index(self) -> str:
+        """zset: character id -> last update (ms since epoch)."""
+        return f"{self.prefix}{{chars}}:index"
+
+    def training_index(self) -> str:
+        """zset ``user \\0 exchange_id`` -> last update (ms) of every training snapshot (for export)."""
+        return f"{self.prefix}training"
 
     def audit(self) -> str:
         """stream: the deployment's audit log, one for every process sharing the prefix."""
