@@ -23,9 +23,13 @@ __all__ = [
     "new_client_turn_id",
     "ping",
     "pong",
+    "feedback",
     "turn_cancel",
+    "turn_edit",
     "turn_options",
+    "turn_regenerate",
     "turn_resume",
+    "turn_select",
     "turn_start",
 ]
 
@@ -55,7 +59,7 @@ def turn_options(*, temperature: float | None = None, top_p: float | None = None
 
 
 def turn_start(text: str, *, client_turn_id: str | None = None, conversation_id: str | None = None,
-               options: dict[str, Any] | None = None) -> dict[str, Any]:
+               options: dict[str, Any] | None = None, character_id: str | None = None) -> dict[str, Any]:
     """``turn.start``; a fresh ``client_turn_id`` unless the caller re-sends a known one.
 
     Re-sending the *same* ``client_turn_id`` is how a client that is unsure
@@ -68,7 +72,35 @@ def turn_start(text: str, *, client_turn_id: str | None = None, conversation_id:
         frame["conversation_id"] = conversation_id
     if options:
         frame["options"] = dict(options)
+    if character_id is not None:
+        frame["character_id"] = character_id
     return frame
+
+
+def turn_regenerate(*, client_turn_id: str | None = None, conversation_id: str | None = None,
+                    exchange_id: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``turn.regenerate``: another reply to the newest exchange (``exchange_id`` names it; optional)."""
+    return _without_none({"type": "turn.regenerate", "client_turn_id": client_turn_id or new_client_turn_id(),
+                          "conversation_id": conversation_id, "turn_id": exchange_id,
+                          "options": dict(options) if options else None})
+
+
+def turn_edit(text: str, *, exchange_id: str, client_turn_id: str | None = None,
+              conversation_id: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``turn.edit``: replace the newest user message (exchange ``exchange_id``) with ``text``."""
+    return _without_none({"type": "turn.edit", "client_turn_id": client_turn_id or new_client_turn_id(),
+                          "conversation_id": conversation_id, "turn_id": exchange_id, "text": text,
+                          "options": dict(options) if options else None})
+
+
+def turn_select(turn_id: str, *, conversation_id: str | None = None) -> dict[str, Any]:
+    """``turn.select``: the alternative (its own ``turn_id``) the model sees from now on."""
+    return _without_none({"type": "turn.select", "turn_id": turn_id, "conversation_id": conversation_id})
+
+
+def feedback(turn_id: str, rating: int, *, reason: str | None = None) -> dict[str, Any]:
+    """``feedback``: rate one reply, 1 or -1."""
+    return _without_none({"type": "feedback", "turn_id": turn_id, "rating": rating, "reason": reason})
 
 
 def turn_cancel(turn_id: str) -> dict[str, Any]:

@@ -53,6 +53,52 @@ class TurnStart:
     text: str
     conversation_id: str
     options: TurnOptions
+    # Binds a new conversation to a character (addition 18); checked against
+    # the binding on later turns.
+    character_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRegenerate:
+    """Another reply to the newest exchange's user message (addition 19)."""
+
+    client_turn_id: str
+    conversation_id: str
+    options: TurnOptions
+    # The exchange to regenerate; None: the newest (it must be the newest).
+    exchange_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEdit:
+    """Replace the newest user message and answer the new text (addition 19)."""
+
+    client_turn_id: str
+    conversation_id: str
+    exchange_id: str
+    text: str
+    options: TurnOptions
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSelect:
+    """Pick the alternative the model sees from now on (addition 19)."""
+
+    conversation_id: str
+    turn_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A rating of one reply (addition 20)."""
+
+    turn_id: str
+    rating: int
+    reason: str | None
+
+
+#: What ``feedback.reason`` may hold.
+MAX_FEEDBACK_REASON_CHARS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +134,11 @@ class Pong:
     t: float | int | None
 
 
-ClientFrame = Hello | TurnStart | TurnCancel | TurnResume | HistoryGet | HistoryClear | Ping | Pong
+ClientFrame = (Hello | TurnStart | TurnRegenerate | TurnEdit | TurnSelect | Feedback | TurnCancel
+               | TurnResume | HistoryGet | HistoryClear | Ping | Pong)
+
+#: The frames that start a turn; each carries a ``client_turn_id``.
+TURN_STARTING_TYPES = frozenset({"turn.start", "turn.regenerate", "turn.edit"})
 
 
 # ---------------------------------------------------------------- field checks
@@ -184,7 +234,7 @@ def parse_client_frame(obj: dict[str, Any], *, max_input_chars: int) -> ClientFr
     except RapportError as exc:
         # Tell the client which of its pending turns the error is about.
         client_turn_id = obj.get("client_turn_id")
-        if kind == "turn.start" and isinstance(client_turn_id, str) \
+        if kind in TURN_STARTING_TYPES and isinstance(client_turn_id, str) \
                 and len(client_turn_id) <= MAX_CLIENT_TURN_ID_CHARS:
             exc.fields.setdefault("client_turn_id", client_turn_id)
         raise
@@ -206,8 +256,7 @@ def _hello(obj: dict[str, Any], _: int) -> Hello:
     )
 
 
-def _turn_start(obj: dict[str, Any], max_input_chars: int) -> TurnStart:
-    client_turn_id = _str(obj, "client_turn_id", max_chars=MAX_CLIENT_TURN_ID_CHARS)
+def _user_text(obj: dict[str, Any], max_input_chars: int, client_turn_id: str | None) -> str:
     text = obj.get("text")
     if text is None:
         raise BadRequest("missing field 'text'", client_turn_id=client_turn_id)
@@ -218,6 +267,10 @@ def _turn_start(obj: dict[str, Any], max_input_chars: int) -> TurnStart:
     if len(text) > max_input_chars:
         raise TooLarge(f"'text' is longer than {max_input_chars} characters",
                             client_turn_id=client_turn_id)
+    return text
+
+
+def _options(obj: dict[str, Any], client_turn_id: str | None) -> TurnOptions:
     raw_options = _map(obj, "options") or {}
     options = TurnOptions(
         temperature=_number(raw_options, "temperature", 0.0, 2.0),
@@ -227,12 +280,58 @@ def _turn_start(obj: dict[str, Any], max_input_chars: int) -> TurnStart:
     )
     if options.top_p == 0.0:
         raise BadRequest("field 'top_p' must be greater than 0", client_turn_id=client_turn_id)
+    return options
+
+
+def _conversation(obj: dict[str, Any]) -> str:
+    return _str(obj, "conversation_id", required=False, default=DEFAULT_CONVERSATION) or DEFAULT_CONVERSATION
+
+
+def _turn_start(obj: dict[str, Any], max_input_chars: int) -> TurnStart:
+    client_turn_id = _str(obj, "client_turn_id", max_chars=MAX_CLIENT_TURN_ID_CHARS)
+    text = _user_text(obj, max_input_chars, client_turn_id)
     return TurnStart(
         client_turn_id=client_turn_id,  # type: ignore[arg-type]
         text=text,
-        conversation_id=_str(obj, "conversation_id", required=False,
-                             default=DEFAULT_CONVERSATION) or DEFAULT_CONVERSATION,
-        options=options,
+        conversation_id=_conversation(obj),
+        options=_options(obj, client_turn_id),
+        character_id=_str(obj, "character_id", required=False),
+    )
+
+
+def _turn_regenerate(obj: dict[str, Any], _: int) -> TurnRegenerate:
+    client_turn_id = _str(obj, "client_turn_id", max_chars=MAX_CLIENT_TURN_ID_CHARS)
+    return TurnRegenerate(
+        client_turn_id=client_turn_id,  # type: ignore[arg-type]
+        conversation_id=_conversation(obj),
+        options=_options(obj, client_turn_id),
+        exchange_id=_str(obj, "turn_id", required=False),
+    )
+
+
+def _turn_edit(obj: dict[str, Any], max_input_chars: int) -> TurnEdit:
+    client_turn_id = _str(obj, "client_turn_id", max_chars=MAX_CLIENT_TURN_ID_CHARS)
+    return TurnEdit(
+        client_turn_id=client_turn_id,  # type: ignore[arg-type]
+        conversation_id=_conversation(obj),
+        exchange_id=_str(obj, "turn_id"),  # type: ignore[arg-type]
+        text=_user_text(obj, max_input_chars, client_turn_id),
+        options=_options(obj, client_turn_id),
+    )
+
+
+def _turn_select(obj: dict[str, Any], _: int) -> TurnSelect:
+    return TurnSelect(conversation_id=_conversation(obj), turn_id=_str(obj, "turn_id"))  # type: ignore[arg-type]
+
+
+def _feedback(obj: dict[str, Any], _: int) -> Feedback:
+    rating = _int(obj, "rating", -1, 1, required=True)
+    if rating == 0:
+        raise BadRequest("field 'rating' must be -1 or 1")
+    return Feedback(
+        turn_id=_str(obj, "turn_id"),  # type: ignore[arg-type]
+        rating=rating,  # type: ignore[arg-type]
+        reason=_str(obj, "reason", required=False, max_chars=MAX_FEEDBACK_REASON_CHARS, min_chars=0),
     )
 
 
@@ -274,6 +373,10 @@ def _pong(obj: dict[str, Any], _: int) -> Pong:
 _PARSERS: dict[str, Callable[[dict[str, Any], int], ClientFrame]] = {
     "hello": _hello,
     "turn.start": _turn_start,
+    "turn.regenerate": _turn_regenerate,
+    "turn.edit": _turn_edit,
+    "turn.select": _turn_select,
+    "feedback": _feedback,
     "turn.cancel": _turn_cancel,
     "turn.resume": _turn_resume,
     "history.get": _history_get,
@@ -306,14 +409,30 @@ def ready(*, session_id: str, user_id: str, model: str, interval_ms: int, timeou
 
 
 def turn_accepted(*, turn_id: str, client_turn_id: str, conversation_id: str,
-                  replayed: bool) -> dict[str, Any]:
-    return {
+                  replayed: bool, exchange_id: str | None = None,
+                  alternative: int | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {
         "type": "turn.accepted",
         "turn_id": turn_id,
         "client_turn_id": client_turn_id,
         "conversation_id": conversation_id,
         "replayed": replayed,
     }
+    # Additions 19: which exchange the reply belongs to and its place in it.
+    if exchange_id is not None:
+        frame["exchange_id"] = exchange_id
+    if alternative is not None:
+        frame["alternative"] = alternative
+    return frame
+
+
+def turn_selected(*, conversation_id: str, exchange_id: str, turn_id: str) -> dict[str, Any]:
+    return {"type": "turn.selected", "conversation_id": conversation_id, "exchange_id": exchange_id,
+            "turn_id": turn_id}
+
+
+def feedback_recorded(*, turn_id: str, rating: int) -> dict[str, Any]:
+    return {"type": "feedback.recorded", "turn_id": turn_id, "rating": rating}
 
 
 def turn_delta(turn_id: str, seq: int, text: str) -> dict[str, Any]:
@@ -333,8 +452,12 @@ def turn_end(*, turn_id: str, seq: int, finish_reason: str, text: str, usage: di
     }
 
 
-def history(conversation_id: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "history", "conversation_id": conversation_id, "messages": messages}
+def history(conversation_id: str, messages: list[dict[str, Any]],
+            character_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "history", "conversation_id": conversation_id, "messages": messages}
+    if character_id is not None:
+        frame["character_id"] = character_id
+    return frame
 
 
 def history_cleared(conversation_id: str) -> dict[str, Any]:

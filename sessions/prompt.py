@@ -26,7 +26,10 @@ from sessions.messages import ChatMessage
 
 @dataclass(frozen=True, slots=True)
 class PastTurn:
-    """One completed exchange from history: the user's text and the reply kept."""
+    """One completed exchange from history: the user's text and the reply kept.
+
+    A character's greeting is a turn with no user text (it opens the conversation).
+    """
 
     user: str
     assistant: str
@@ -47,17 +50,26 @@ def first_kept_turn(total_turns: int, max_turns: int, trim_block: int) -> int:
     return -(-overflow // block) * block  # ceil to a multiple of the block
 
 
-def render(system_prompt: str, turns: Sequence[PastTurn], new_text: str) -> list[ChatMessage]:
+def render(system_prompt: str, turns: Sequence[PastTurn], new_text: str,
+           post_history: str = "") -> list[ChatMessage]:
+    """The chat: system prompt, past turns, the new message, then the post-history instructions.
+
+    ``post_history`` (a character card's ``post_history_instructions``) comes
+    last, as the cards' convention has it, so it stays close to the reply.
+    """
     messages: list[ChatMessage] = []
     if system_prompt:
         messages.append(ChatMessage("system", system_prompt))
     for turn in turns:
-        messages.append(ChatMessage("user", turn.user))
+        if turn.user:
+            messages.append(ChatMessage("user", turn.user))
         # A cancelled or interrupted reply may be empty; an empty assistant
         # message teaches the model nothing, so the user turn stands alone.
         if turn.assistant:
             messages.append(ChatMessage("assistant", turn.assistant))
     messages.append(ChatMessage("user", new_text))
+    if post_history:
+        messages.append(ChatMessage("system", post_history))
     return messages
 
 
@@ -71,6 +83,7 @@ def build_window(
     count_tokens: Callable[[Sequence[ChatMessage]], int] | None = None,
     trim_block: int = 4,
     trim_quantum: float = 0.5,
+    post_history: str = "",
 ) -> list[ChatMessage]:
     """The messages to send. Raises TooLarge when even no history would not fit.
 
@@ -82,16 +95,20 @@ def build_window(
     tokens has accumulated, instead of the start moving every few turns. The
     choice depends only on the conversation, never on state kept between turns,
     so every gateway process makes the same one.
+
+    ``system_prompt`` is the static prefix (a character's persona) and
+    ``post_history`` the instructions after the new message; both are kept
+    whatever is trimmed.
     """
     start = first_kept_turn(len(history), max_history_turns, trim_block)
     if max_prompt_tokens is None or count_tokens is None:
-        return render(system_prompt, history[start:], new_text)
-    bare = render(system_prompt, [], new_text)
+        return render(system_prompt, history[start:], new_text, post_history)
+    bare = render(system_prompt, [], new_text, post_history)
     if count_tokens(bare) > max_prompt_tokens:
         raise TooLarge(
             f"the message needs more than the {max_prompt_tokens} prompt tokens the model's context allows"
         )
-    window = render(system_prompt, history[start:], new_text)
+    window = render(system_prompt, history[start:], new_text, post_history)
     overflow = count_tokens(window) - max_prompt_tokens
     if overflow <= 0:
         return window
@@ -104,7 +121,7 @@ def build_window(
         start += 1
     # Token counts of a chat template are nearly, not exactly, additive: check.
     while start < len(history):
-        window = render(system_prompt, history[start:], new_text)
+        window = render(system_prompt, history[start:], new_text, post_history)
         if count_tokens(window) <= max_prompt_tokens:
             return window
         start += 1
@@ -116,12 +133,19 @@ def pair_history(messages: Sequence[tuple[str, str, str]]) -> list[PastTurn]:
 
     A user message without a reply (the turn still running, or history cut
     mid-turn) pairs with an empty reply; an assistant message whose user
-    message was trimmed away by the history cap is skipped.
+    message was trimmed away by the history cap is skipped. Role
+    ``greeting`` (see :func:`sessions.exchanges.model_view`) is a reply with
+    no user message. For replies, ``turn_id`` is the exchange they answer.
     """
     turns: list[PastTurn] = []
     pending: tuple[str, str] | None = None  # (turn_id, user text)
     for role, text, turn_id in messages:
-        if role == "user":
+        if role == "greeting":
+            if pending is not None:
+                turns.append(PastTurn(pending[1], ""))
+                pending = None
+            turns.append(PastTurn("", text))
+        elif role == "user":
             if pending is not None:
                 turns.append(PastTurn(pending[1], ""))
             pending = (turn_id, text)

@@ -55,15 +55,22 @@ __all__ = [
 # begin_turn: accept a new turn, or answer replayed / in_progress, atomically.
 # KEYS: 1 idempotency key, 2 new turn record, 3 active hash, 4 history stream,
 #       5 conversations zset, 6 record of the turn ARGV[1] names (replay),
-#       7 record of the turn ARGV[2] names (running). 6 and 7 are placeholders
-#       (never read) when ARGV[1] / ARGV[2] are empty.
+#       7 record of the turn ARGV[2] names (running), 8 conversation meta hash.
+#       6 and 7 are placeholders (never read) when ARGV[1] / ARGV[2] are empty.
 # ARGV: 1 expected idempotency value or "", 2 expected active value or "",
 #       3 conversation_id, 4 turn_id, 5 user_id, 6 client_turn_id, 7 text,
-#       8 owner, 9 now_ms, 10 idempotency ttl (s), 11 history max messages.
+#       8 owner, 9 now_ms, 10 idempotency ttl (s), 11 history max messages,
+#       12 mode ("new" | "regenerate" | "edit"), 13 the exchange regenerate and
+#       edit name, 14 character_id to bind or check ("" none), 15 greeting to
+#       store when the binding is made ("" none), 16 most alternatives per exchange.
 # Returns {"replayed", turn_id, record-as-flat-list} | {"in_progress", turn_id}
-#       | {"accepted"} | {"retry", current idempotency value, current active value}.
+#       | {"accepted", alternative index} | {"retry", current idempotency value, current active value}
+#       | {"bound", bound character} | {"not_empty"} | {"not_newest", newest exchange or ""}
+#       | {"too_many"}.
 # An active entry whose record is gone or already ended is stale (its process
-# died) and is overwritten. Replay and in_progress write nothing.
+# died) and is overwritten. Replay and the refusals write nothing.
+# The newest exchange is found from the end of the history stream: only its
+# replies (at most ARGV[16]) can follow its user message.
 BEGIN_TURN_LUA = """
 local idem = redis.call('GET', KEYS[1])
 local running = redis.call('HGET', KEYS[3], ARGV[3])
@@ -81,6 +88,49 @@ if running then
     return {'in_progress', running}
   end
 end
+local bound = redis.call('HGET', KEYS[8], 'character_id')
+local bind = false
+if ARGV[14] ~= '' then
+  if bound then
+    if bound ~= ARGV[14] then return {'bound', bound} end
+  else
+    if redis.call('XLEN', KEYS[4]) > 0 then return {'not_empty'} end
+    bind = true
+  end
+end
+local mode = ARGV[12]
+local exchange = ARGV[4]
+local alternative = 0
+if mode ~= 'new' then
+  local cap = tonumber(ARGV[16])
+  local tail = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', cap + 1)
+  local user_entry = nil
+  local replies = 0
+  for _, entry in ipairs(tail) do
+    local f = entry[2]
+    local role, tid = nil, ''
+    for i = 1, #f, 2 do
+      if f[i] == 'role' then role = f[i + 1] elseif f[i] == 'turn_id' then tid = f[i + 1] end
+    end
+    if role == 'user' then user_entry = {entry[1], tid}; break end
+    replies = replies + 1
+  end
+  if not user_entry then
+    if #tail > cap then return {'too_many'} end
+    return {'not_newest', ''}
+  end
+  if user_entry[2] ~= ARGV[13] then return {'not_newest', user_entry[2]} end
+  if mode == 'regenerate' then
+    if replies >= cap then return {'too_many'} end
+    exchange = ARGV[13]
+    alternative = replies
+  else
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[4], user_entry[1], '+')) do
+      redis.call('XDEL', KEYS[4], entry[1])
+    end
+    redis.call('HDEL', KEYS[8], 'sel:' .. ARGV[13])
+  end
+end
 local ttl = tonumber(ARGV[10])
 redis.call('SET', KEYS[1], ARGV[4], 'EX', ttl)
 redis.call('DEL', KEYS[2])
@@ -88,14 +138,69 @@ redis.call('HSET', KEYS[2],
   'turn_id', ARGV[4], 'user_id', ARGV[5], 'conversation_id', ARGV[3],
   'client_turn_id', ARGV[6], 'status', 'running', 'finish_reason', '',
   'last_seq', '0', 'text', '', 'usage', '{}', 'timings', '{}',
-  'created_at_ms', ARGV[9], 'ended_at_ms', '', 'owner', ARGV[8])
+  'created_at_ms', ARGV[9], 'ended_at_ms', '', 'owner', ARGV[8],
+  'exchange_id', exchange)
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
-  'role', 'user', 'text', ARGV[7], 'turn_id', ARGV[4],
-  'status', 'complete', 'created_at', ARGV[9])
+if bind then
+  redis.call('HSET', KEYS[8], 'character_id', ARGV[14])
+  if ARGV[15] ~= '' then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+      'role', 'assistant', 'text', ARGV[15], 'turn_id', '',
+      'status', 'greeting', 'created_at', ARGV[9])
+  end
+end
+if mode ~= 'regenerate' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+    'role', 'user', 'text', ARGV[7], 'turn_id', ARGV[4],
+    'status', 'complete', 'created_at', ARGV[9])
+end
 redis.call('ZADD', KEYS[5], ARGV[9], ARGV[3])
-return {'accepted'}
+return {'accepted', tostring(alternative)}
+"""
+
+# bind_conversation: bind a new conversation to a character and store its greeting.
+# KEYS: 1 conversation meta hash, 2 history stream, 3 conversations zset.
+# ARGV: 1 character_id, 2 greeting ("" none), 3 conversation_id, 4 now_ms,
+#       5 history max messages.
+# Returns {"created"} | {"exists"} (already bound to this character: nothing
+# written) | {"bound", other character} | {"not_empty"}.
+BIND_CONVERSATION_LUA = """
+local bound = redis.call('HGET', KEYS[1], 'character_id')
+if bound then
+  if bound == ARGV[1] then return {'exists'} end
+  return {'bound', bound}
+end
+if redis.call('XLEN', KEYS[2]) > 0 then return {'not_empty'} end
+redis.call('HSET', KEYS[1], 'character_id', ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+    'role', 'assistant', 'text', ARGV[2], 'turn_id', '',
+    'status', 'greeting', 'created_at', ARGV[4])
+end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return {'created'}
+"""
+
+# select_alternative: make one reply the one the model sees for its exchange.
+# KEYS: 1 history stream, 2 conversation meta hash.  ARGV: 1 the reply's turn_id.
+# Returns {"ok", exchange_id} | {"missing"}.
+SELECT_ALTERNATIVE_LUA = """
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-')) do
+  local f = entry[2]
+  local role, tid, x = nil, nil, nil
+  for i = 1, #f, 2 do
+    if f[i] == 'role' then role = f[i + 1]
+    elseif f[i] == 'turn_id' then tid = f[i + 1]
+    elseif f[i] == 'x' then x = f[i + 1] end
+  end
+  if role == 'assistant' and tid == ARGV[1] then
+    local exchange = x or tid
+    redis.call('HSET', KEYS[2], 'sel:' .. exchange, tid)
+    return {'ok', exchange}
+  end
+end
+return {'missing'}
 """
 
 # append_deltas: add deltas to a running turn's log with ids "seq-0".
@@ -128,6 +233,7 @@ return {'ok'}
 """
 
 # finish_turn: end a turn once. A second call returns the ended record unchanged.
+# The assistant entry names its exchange ("x") when it is a regenerated reply.
 # KEYS: 1 turn record, 2 delta log, 3 active hash, 4 history stream,
 #       5 conversations zset.
 # ARGV: 1 turn_id, 2 conversation_id, 3 finish_reason, 4 text, 5 usage JSON,
@@ -151,9 +257,16 @@ redis.call('PEXPIRE', KEYS[2], ARGV[9])
 redis.call('HSET', KEYS[1], 'status', 'ended', 'finish_reason', ARGV[3],
   'text', ARGV[4], 'usage', ARGV[5], 'timings', ARGV[6], 'ended_at_ms', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[10])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
-  'role', 'assistant', 'text', ARGV[4], 'turn_id', ARGV[1],
-  'status', ARGV[3], 'created_at', ARGV[8])
+local exchange = redis.call('HGET', KEYS[1], 'exchange_id')
+if exchange and exchange ~= '' and exchange ~= ARGV[1] then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+    'role', 'assistant', 'text', ARGV[4], 'turn_id', ARGV[1],
+    'status', ARGV[3], 'created_at', ARGV[8], 'x', exchange)
+else
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
+    'role', 'assistant', 'text', ARGV[4], 'turn_id', ARGV[1],
+    'status', ARGV[3], 'created_at', ARGV[8])
+end
 if redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[1] then
   redis.call('HDEL', KEYS[3], ARGV[2])
 end
@@ -163,7 +276,8 @@ return {'ended', redis.call('HGETALL', KEYS[1])}
 
 # drop_conversation: clear (or delete) a conversation unless a turn runs in it.
 # KEYS: 1 active hash, 2 history stream, 3 conversations zset,
-#       4 record of the turn ARGV[2] names (placeholder when ARGV[2] is "").
+#       4 record of the turn ARGV[2] names (placeholder when ARGV[2] is ""),
+#       5 conversation meta hash (the character binding and selections go too).
 # ARGV: 1 conversation_id, 2 expected active value or "".
 # A stale active entry (record gone or ended) is removed. Returns
 # {"ok", number of keys/members removed} | {"in_progress", turn_id}
@@ -177,7 +291,7 @@ if running then
   end
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-local n = redis.call('DEL', KEYS[2]) + redis.call('ZREM', KEYS[3], ARGV[1])
+local n = redis.call('DEL', KEYS[2], KEYS[5]) + redis.call('ZREM', KEYS[3], ARGV[1])
 return {'ok', tostring(n)}
 """
 
@@ -201,6 +315,9 @@ class TurnRecord:
     created_at_ms: int
     ended_at_ms: int | None
     owner: str  # the server process running the turn
+    # The exchange the reply belongs to: the turn that stored the user message
+    # (the turn itself, unless it is a regenerated reply).
+    exchange_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +329,8 @@ class BeginOutcome:
     kind: Literal["accepted", "replayed", "in_progress"]
     turn: TurnRecord | None
     running_turn_id: str | None
+    # The accepted reply's index among its exchange's alternatives.
+    alternative: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +339,11 @@ class HistoryMessage:
     role: str
     text: str
     turn_id: str
-    status: str  # "complete" for user messages, the finish_reason for assistant ones
+    status: str  # "complete" for user messages, the finish_reason for assistant ones, "greeting"
     created_at: int  # ms since epoch
+    # The exchange: the user message's turn id; for a reply, the turn that
+    # stored the user message it answers; "" for a greeting.
+    exchange_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +374,8 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _STREAM_ID = re.compile(r"\A([0-9]{1,20})-([0-9]{1,20})\Z")
 _U64_MAX = 2**64 - 1
 _MAX_ATTEMPTS = 16
+#: Most replies one exchange keeps (regenerations beyond are refused).
+MAX_ALTERNATIVES = 32
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -336,6 +460,7 @@ def _record(data: dict[str, str] | None) -> TurnRecord | None:
         created_at_ms=int(data.get("created_at_ms") or 0),
         ended_at_ms=int(ended) if ended else None,
         owner=data.get("owner", ""),
+        exchange_id=data.get("exchange_id") or data.get("turn_id", ""),
     )
 
 
@@ -369,6 +494,7 @@ def _history_messages(entries: Sequence[Any]) -> list[HistoryMessage]:
             turn_id=f.get("turn_id", ""),
             status=f.get("status", ""),
             created_at=int(f.get("created_at") or 0),
+            exchange_id=f.get("x") or f.get("turn_id", ""),
         )
         for eid, f in entries
     ]
@@ -431,6 +557,8 @@ class ConversationStore:
         self._append = redis.register_script(APPEND_DELTAS_LUA)
         self._finish = redis.register_script(FINISH_TURN_LUA)
         self._drop = redis.register_script(DROP_CONVERSATION_LUA)
+        self._bind = redis.register_script(BIND_CONVERSATION_LUA)
+        self._select = redis.register_script(SELECT_ALTERNATIVE_LUA)
 
     # -- health -------------------------------------------------------------
 
@@ -447,7 +575,7 @@ class ConversationStore:
         the first turn after a start (or after Redis restarted, which empties
         the cache). Loading them at start keeps even the first turn at two.
         """
-        for script in (self._begin, self._append, self._finish, self._drop):
+        for script in (self._begin, self._append, self._finish, self._drop, self._bind, self._select):
             await self.redis.script_load(script.script)
 
     # -- turns --------------------------------------------------------------
@@ -463,8 +591,23 @@ class ConversationStore:
         turn_id: str,
         owner: str,
         now_ms: int,
+        mode: Literal["new", "regenerate", "edit"] = "new",
+        exchange_id: str = "",
+        character_id: str = "",
+        greeting: str = "",
     ) -> BeginOutcome:
-        """Accept a new turn, or report a replay / a running turn (guarantees 1 and 4)."""
+        """Accept a new turn, or report a replay / a running turn (guarantees 1 and 4).
+
+        ``mode`` "regenerate" adds a reply to the newest exchange (``exchange_id``)
+        without storing a user message; "edit" replaces that exchange's user
+        message and replies with ``text``. ``character_id`` binds a conversation
+        without history to a character (storing ``greeting`` as its first
+        message) or checks the binding. Refusals raise BadRequest.
+        """
+        if mode not in ("new", "regenerate", "edit"):
+            raise ValueError(f"unknown mode {mode!r}")
+        if mode != "new" and not exchange_id:
+            raise ValueError(f"mode {mode!r} needs the exchange_id")
         for name, value in (
             ("user_id", user_id),
             ("conversation_id", conversation_id),
@@ -492,6 +635,7 @@ class ConversationStore:
                     k.conversations(user_id),
                     k.turn(user_id, expect_idem) if expect_idem else new_key,
                     k.turn(user_id, expect_active) if expect_active else new_key,
+                    k.conversation_meta(user_id, conversation_id),
                 ],
                 args=[
                     expect_idem,
@@ -505,6 +649,11 @@ class ConversationStore:
                     str(now_ms),
                     str(self.idempotency_ttl_s),
                     str(self.history_max_messages),
+                    mode,
+                    exchange_id,
+                    character_id,
+                    greeting,
+                    str(MAX_ALTERNATIVES),
                 ],
             )
             kind = res[0]
@@ -512,9 +661,23 @@ class ConversationStore:
                 expect_idem, expect_active = res[1], res[2]
                 continue
             if kind == "accepted":
-                return BeginOutcome("accepted", self._new_record(
-                    turn_id, user_id, conversation_id, client_turn_id, owner, now_ms
-                ), None)
+                new = self._new_record(turn_id, user_id, conversation_id, client_turn_id, owner, now_ms,
+                                       exchange_id if mode == "regenerate" else turn_id)
+                return BeginOutcome("accepted", new, None, alternative=int(res[1]))
+            if kind == "bound":
+                raise BadRequest(f"conversation '{conversation_id}' is bound to character '{res[1]}'",
+                                 client_turn_id=client_turn_id)
+            if kind == "not_empty":
+                raise BadRequest(f"conversation '{conversation_id}' already has history without a "
+                                 "character; start a new conversation to talk to one",
+                                 client_turn_id=client_turn_id)
+            if kind == "not_newest":
+                raise BadRequest("only the newest exchange can be regenerated or edited"
+                                 + (f" (it is '{res[1]}')" if res[1] else "; the conversation has none"),
+                                 client_turn_id=client_turn_id)
+            if kind == "too_many":
+                raise BadRequest(f"an exchange keeps at most {MAX_ALTERNATIVES} alternatives",
+                                 client_turn_id=client_turn_id)
             if kind == "replayed":
                 record = _record(_pairs_to_dict(res[2]))
                 if res[1] == turn_id and record is not None and record.client_turn_id == client_turn_id:
@@ -529,7 +692,8 @@ class ConversationStore:
 
     @staticmethod
     def _new_record(
-        turn_id: str, user_id: str, conversation_id: str, client_turn_id: str, owner: str, now_ms: int
+        turn_id: str, user_id: str, conversation_id: str, client_turn_id: str, owner: str, now_ms: int,
+        exchange_id: str,
     ) -> TurnRecord:
         return TurnRecord(
             turn_id=turn_id,
@@ -545,6 +709,7 @@ class ConversationStore:
             created_at_ms=now_ms,
             ended_at_ms=None,
             owner=owner,
+            exchange_id=exchange_id,
         )
 
     @redis_guarded
@@ -750,8 +915,9 @@ class ConversationStore:
     @redis_guarded
     async def history_with(
         self, *, user_id: str, conversation_id: str, limit: int, also: Callable[[Any], None]
-    ) -> list[HistoryMessage]:
-        """:meth:`history` (newest ``limit``), with the caller's commands in the same round trip.
+    ) -> tuple[list[HistoryMessage], dict[str, str]]:
+        """:meth:`history` (newest ``limit``) and the conversation's meta hash
+        (see :meth:`conversation_meta`), with the caller's commands in the same round trip.
 
         ``also`` queues commands on a non-transactional pipeline: they travel
         in one write and Redis runs one connection's commands in order, so the
@@ -761,9 +927,75 @@ class ConversationStore:
         _history_end(limit, None)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(self.keys.history(user_id, conversation_id), max="+", min="-", count=limit)
+        pipe.hgetall(self.keys.conversation_meta(user_id, conversation_id))
         also(pipe)
         replies = await pipe.execute()
-        return _history_messages(replies[0])
+        return _history_messages(replies[0]), replies[1] or {}
+
+    @redis_guarded
+    async def conversation_meta(self, *, user_id: str, conversation_id: str) -> dict[str, str]:
+        """The conversation's binding and selections: ``character_id`` and
+        ``sel:<exchange_id>`` -> the selected reply's turn id."""
+        return await self.redis.hgetall(self.keys.conversation_meta(user_id, conversation_id)) or {}
+
+    @redis_guarded
+    async def history_and_meta(
+        self, *, user_id: str, conversation_id: str, limit: int = 50, before: str | None = None
+    ) -> tuple[list[HistoryMessage], dict[str, str]]:
+        """:meth:`history` and :meth:`conversation_meta` in one round trip."""
+        end = _history_end(limit, before)
+        pipe = self.redis.pipeline(transaction=False)
+        if end is not None:
+            pipe.xrevrange(self.keys.history(user_id, conversation_id), max=end, min="-", count=limit)
+        pipe.hgetall(self.keys.conversation_meta(user_id, conversation_id))
+        replies = await pipe.execute()
+        if end is None:
+            return [], replies[0] or {}
+        return _history_messages(replies[0]), replies[1] or {}
+
+    @redis_guarded
+    async def bind_conversation(self, *, user_id: str, conversation_id: str, character_id: str,
+                                greeting: str, now_ms: int) -> bool:
+        """Bind a conversation without history to a character, storing its greeting.
+
+        True when this call bound it; False when it was already bound to this
+        character (nothing written). BadRequest when it is bound to another or
+        has plain history.
+        """
+        _check_id("conversation_id", conversation_id)
+        _check_id("character_id", character_id)
+        _check_id("greeting", greeting)
+        _check_nonneg("now_ms", now_ms)
+        k = self.keys
+        res = await self._bind(
+            keys=[k.conversation_meta(user_id, conversation_id), k.history(user_id, conversation_id),
+                  k.conversations(user_id)],
+            args=[character_id, greeting, conversation_id, str(now_ms), str(self.history_max_messages)],
+        )
+        kind = res[0]
+        if kind == "created":
+            return True
+        if kind == "exists":
+            return False
+        if kind == "bound":
+            raise BadRequest(f"conversation '{conversation_id}' is bound to character '{res[1]}'")
+        if kind == "not_empty":
+            raise BadRequest(f"conversation '{conversation_id}' already has history without a character")
+        raise RapportError(f"bind_conversation: unexpected script answer {kind!r}")
+
+    @redis_guarded
+    async def select_alternative(self, *, user_id: str, conversation_id: str, turn_id: str) -> str:
+        """Make the reply of ``turn_id`` the one the model sees for its exchange; the exchange id.
+
+        NotFound when the conversation's history holds no such reply (yet).
+        """
+        _check_id("turn_id", turn_id)
+        k = self.keys
+        res = await self._select(keys=[k.history(user_id, conversation_id),
+                                       k.conversation_meta(user_id, conversation_id)], args=[turn_id])
+        if res[0] == "ok":
+            return str(res[1])
+        raise NotFound("no such reply in this conversation", turn_id=turn_id)
 
     async def _drop_conversation(self, user_id: str, conversation_id: str) -> int:
         k = self.keys
@@ -776,6 +1008,7 @@ class ConversationStore:
                     history_key,
                     k.conversations(user_id),
                     k.turn(user_id, expect) if expect else history_key,
+                    k.conversation_meta(user_id, conversation_id),
                 ],
                 args=[conversation_id, expect],
             )

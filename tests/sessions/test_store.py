@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
 from sessions.keys import KeySpace, glob_escape
 from sessions.store import (
+    MAX_ALTERNATIVES,
     BeginOutcome,
     ConversationStore,
     HistoryMessage,
@@ -100,7 +101,7 @@ async def test_begin_accepted_writes_everything(env: Env) -> None:
     assert out.turn == TurnRecord(
         turn_id="t1", user_id="alice", conversation_id="c1", client_turn_id="ct1", status="running",
         finish_reason=None, last_seq=0, text="", usage={}, timings={}, created_at_ms=now,
-        ended_at_ms=None, owner="proc-A",
+        ended_at_ms=None, owner="proc-A", exchange_id="t1",
     )
     assert await env.store.get_turn(user_id="alice", turn_id="t1") == out.turn
     k = env.keys
@@ -411,8 +412,8 @@ async def test_history_with_sends_the_callers_commands_in_the_same_round_trip(en
         queued.append(pipe)
         pipe.set(marker, "1")  # type: ignore[attr-defined]
 
-    hist = await env.store.history_with(user_id="alice", conversation_id="default", limit=3, also=also)
-    assert [m.text for m in hist] == ["a0", "q1", "a1"]
+    hist, meta = await env.store.history_with(user_id="alice", conversation_id="default", limit=3, also=also)
+    assert [m.text for m in hist] == ["a0", "q1", "a1"] and meta == {}
     assert hist == await env.store.history(user_id="alice", conversation_id="default", limit=3)
     assert len(queued) == 1 and await env.redis.get(marker) == "1"
     with pytest.raises(BadRequest):
@@ -642,3 +643,103 @@ async def test_unavailable_names_no_address_and_says_when_to_retry() -> None:
             assert ei.value.fields["retry_after_ms"] > 0
     finally:
         await dead.aclose()
+
+
+# ---------------------------------------------------------------------------
+# characters and swipes (docs/protocol.md additions 18 and 19)
+# ---------------------------------------------------------------------------
+
+
+async def _regenerate(env: Env, exchange: str, *, conv: str = "default", client: str | None = None) -> BeginOutcome:
+    return await env.store.begin_turn(
+        user_id="alice", conversation_id=conv, client_turn_id=client or uuid4().hex, text="",
+        turn_id="t_" + uuid4().hex, owner="proc-1", now_ms=_now(), mode="regenerate", exchange_id=exchange)
+
+
+async def test_binding_stores_the_greeting_once_and_never_changes(env: Env) -> None:
+    s = env.store
+    out = await s.begin_turn(user_id="alice", conversation_id="c", client_turn_id="b1", text="hi", turn_id="t1",
+                             owner="p", now_ms=_now(), character_id="mira", greeting="Evening.")
+    assert out.kind == "accepted" and out.alternative == 0
+    await env.finish("alice", "t1", text="hello")
+    hist, meta = await s.history_and_meta(user_id="alice", conversation_id="c")
+    assert [(m.role, m.text, m.status) for m in hist] == [
+        ("assistant", "Evening.", "greeting"), ("user", "hi", "complete"), ("assistant", "hello", "stop")]
+    assert meta == {"character_id": "mira"}
+    # The same character again writes no second greeting; another is refused, nothing written.
+    out = await s.begin_turn(user_id="alice", conversation_id="c", client_turn_id="b2", text="more", turn_id="t2",
+                             owner="p", now_ms=_now(), character_id="mira", greeting="Evening.")
+    await env.finish("alice", "t2", text="sure")
+    with pytest.raises(BadRequest, match="bound to character 'mira'"):
+        await s.begin_turn(user_id="alice", conversation_id="c", client_turn_id="b3", text="x", turn_id="t3",
+                           owner="p", now_ms=_now(), character_id="other")
+    assert len(await s.history(user_id="alice", conversation_id="c")) == 5
+    assert await s.get_turn(user_id="alice", turn_id="t3") is None
+    # A conversation with plain history cannot be bound.
+    await _complete_turn(env, 0, conv="plain")
+    with pytest.raises(BadRequest, match="already has history"):
+        await s.bind_conversation(user_id="alice", conversation_id="plain", character_id="mira", greeting="g",
+                                  now_ms=_now())
+    assert await s.bind_conversation(user_id="alice", conversation_id="new", character_id="mira", greeting="g",
+                                     now_ms=_now()) is True
+    assert await s.bind_conversation(user_id="alice", conversation_id="new", character_id="mira", greeting="g",
+                                     now_ms=_now()) is False
+    assert [m.text for m in await s.history(user_id="alice", conversation_id="new")] == ["g"]
+    # Clearing the conversation forgets its binding too.
+    await s.clear_history(user_id="alice", conversation_id="new")
+    assert await s.conversation_meta(user_id="alice", conversation_id="new") == {}
+
+
+async def test_regenerate_adds_alternatives_to_the_newest_exchange_only(env: Env) -> None:
+    await _complete_turn(env, 0)
+    await _complete_turn(env, 1)
+    hist = await env.store.history(user_id="alice", conversation_id="default")
+    old, newest = hist[0].turn_id, hist[2].turn_id
+    with pytest.raises(BadRequest, match="newest exchange"):
+        await _regenerate(env, old)
+    out = await _regenerate(env, newest, client="regen-1")
+    assert out.kind == "accepted" and out.alternative == 1
+    assert out.turn is not None and out.turn.exchange_id == newest
+    replay = await _regenerate(env, newest, client="regen-1")
+    assert replay.kind == "replayed" and replay.turn is not None and replay.turn.turn_id == out.turn.turn_id
+    # One running turn per conversation holds for regenerations too.
+    assert (await _regenerate(env, newest)).kind == "in_progress"
+    await env.finish("alice", out.turn.turn_id, text="a1 again")
+    hist = await env.store.history(user_id="alice", conversation_id="default")
+    assert [(m.role, m.text, m.exchange_id) for m in hist[2:]] == [
+        ("user", "q1", newest), ("assistant", "a1", newest), ("assistant", "a1 again", newest)]
+    # Selection by the reply's turn id, on the exchange it belongs to.
+    assert await env.store.select_alternative(user_id="alice", conversation_id="default",
+                                              turn_id=newest) == newest
+    assert (await env.store.conversation_meta(user_id="alice", conversation_id="default")) == {
+        f"sel:{newest}": newest}
+    with pytest.raises(NotFound):
+        await env.store.select_alternative(user_id="alice", conversation_id="default", turn_id="t_missing")
+
+
+async def test_an_exchange_keeps_a_bounded_number_of_alternatives(env: Env) -> None:
+    await _complete_turn(env, 0)
+    exchange = (await env.store.history(user_id="alice", conversation_id="default"))[0].turn_id
+    for _ in range(MAX_ALTERNATIVES - 1):
+        out = await _regenerate(env, exchange)
+        assert out.turn is not None
+        await env.finish("alice", out.turn.turn_id, text="again")
+    with pytest.raises(BadRequest, match=f"at most {MAX_ALTERNATIVES}"):
+        await _regenerate(env, exchange)
+
+
+async def test_edit_replaces_the_newest_message_its_replies_and_selection(env: Env) -> None:
+    await _complete_turn(env, 0)
+    await _complete_turn(env, 1)
+    newest = (await env.store.history(user_id="alice", conversation_id="default"))[2].turn_id
+    regen = await _regenerate(env, newest)
+    assert regen.turn is not None
+    await env.finish("alice", regen.turn.turn_id, text="other")
+    await env.store.select_alternative(user_id="alice", conversation_id="default", turn_id=newest)
+    out = await env.store.begin_turn(user_id="alice", conversation_id="default", client_turn_id="edit-1",
+                                     text="q1 edited", turn_id="t_edit", owner="p", now_ms=_now(), mode="edit",
+                                     exchange_id=newest)
+    assert out.kind == "accepted" and out.turn is not None and out.turn.exchange_id == "t_edit"
+    hist = await env.store.history(user_id="alice", conversation_id="default")
+    assert [m.text for m in hist] == ["q0", "a0", "q1 edited"]
+    assert await env.store.conversation_meta(user_id="alice", conversation_id="default") == {}
