@@ -26,7 +26,7 @@ vllm: install
 	else bash scripts/install-vllm.sh $(VENV); fi
 
 model: vllm
-	@if [ "$${RAPPORT_SKIP_VLLM:-0}" != 1 ]; then $(BIN)/rapport prepare-model; fi
+	@if [ "$${RAPPORT_SKIP_VLLM:-0}" != 1 ]; then $(BIN)/rapport prepare-model && $(BIN)/rapport prepare-lora; fi
 
 run: model
 	bash scripts/with-redis.sh $(BIN)/rapport serve $(ARGS)

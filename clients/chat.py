@@ -4,6 +4,8 @@
     RAPPORT_TOKEN=... python -m clients.chat --url wss://host/v1/ws
 
 The reply is printed as it streams. ``/history``, ``/clear``, ``/quit``;
+``/remember <text>`` pins a fact every conversation's model sees, ``/memory``
+lists the pinned facts, ``/forget <id>`` unpins one;
 Ctrl-C during a reply cancels the turn, Ctrl-C at the prompt quits.
 Connection state changes go to stderr.
 """
@@ -24,7 +26,7 @@ from .errors import AuthenticationError, ClientError, ServerError
 from .resilient import ResilientClient
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/ws"
-COMMANDS = "/history  /clear  /quit   (Ctrl-C cancels a reply)"
+COMMANDS = "/history  /clear  /remember <text>  /memory  /forget <id>  /quit   (Ctrl-C cancels a reply)"
 
 
 def _start_line_reader(stdin: TextIO, queue: asyncio.Queue[str | None]) -> None:
@@ -89,6 +91,22 @@ async def run_chat(url: str = DEFAULT_URL, *, token: str | None = None, user: st
                 elif text == "/clear":
                     await client.clear_history(conversation_id)
                     note("history cleared")
+                elif _command(text, "/remember"):
+                    fact = text[len("/remember"):].strip()
+                    if not fact:
+                        note("usage: /remember <text>")
+                    else:
+                        await client.memory_add(fact)
+                        note("remembered")
+                elif text == "/memory":
+                    _print_facts(await client.memory_list(), stdout)
+                elif _command(text, "/forget"):
+                    fact_id = text[len("/forget"):].strip()
+                    if not fact_id:
+                        note("usage: /forget <id>  (/memory shows the ids)")
+                    else:
+                        await client.memory_delete(fact_id)
+                        note("forgotten")
                 elif text.startswith("/"):
                     note(f"unknown command; {COMMANDS}")
                 else:
@@ -105,6 +123,20 @@ async def run_chat(url: str = DEFAULT_URL, *, token: str | None = None, user: st
         return 1
     finally:
         await client.close()
+
+
+def _command(text: str, name: str) -> bool:
+    """``text`` is the command ``name``, bare or followed by whitespace and its argument."""
+    return text == name or (text.startswith(name) and text[len(name)].isspace())
+
+
+def _print_facts(answer: dict[str, Any], stdout: TextIO) -> None:
+    facts = answer.get("facts") or []
+    if not facts:
+        print("(nothing pinned; /remember <text> pins a fact)", file=stdout)
+    for fact in facts:
+        print(f"{fact.get('id')}  {fact.get('text')}", file=stdout)
+    stdout.flush()
 
 
 async def _reply(client: ResilientClient, text: str, conversation_id: str, stdout: TextIO,

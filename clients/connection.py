@@ -160,6 +160,9 @@ class RapportConnection:
                 if sink.done or kind == "error":
                     self._unregister(sink)
                 return
+            # An error about a turn no stream follows may answer a select or a rating.
+            if kind == "error" and self._resolve_request(frame, key=_key(frame.get("turn_id"))):
+                return
         elif kind == "ping":
             await self._driver.send(client_frames.pong(frame.get("t")))
             return
@@ -169,8 +172,11 @@ class RapportConnection:
             if waiter is not None and not waiter.done():
                 waiter.set_result(self._loop.time())
             return
+        if kind in ("turn.selected", "feedback.recorded") and self._resolve_request(
+                frame, key=_key(frame.get("turn_id"))):
+            return
         untargeted = not (_key(frame.get("turn_id")) or _key(frame.get("client_turn_id")))
-        if kind in ("history", "history.cleared", "error") and untargeted and self._resolve_request(frame):
+        if kind in ("history", "history.cleared", "memory", "error") and untargeted and self._resolve_request(frame):
             return
         if self._frames.qsize() >= _UNROUTED_LIMIT:
             self._frames.get_nowait()
@@ -195,13 +201,18 @@ class RapportConnection:
             for key in [k for k, v in table.items() if v is sink]:
                 del table[key]
 
-    def _resolve_request(self, frame: dict[str, Any]) -> bool:
-        kind, conversation = frame["type"], frame.get("conversation_id")
+    def _resolve_request(self, frame: dict[str, Any], key: str | None = None) -> bool:
+        """Answer the pending request ``frame`` belongs to. Requests wait under the
+        conversation they ask about, or (select, feedback) the turn they name: ``key``."""
+        kind = frame["type"]
+        wanted = key if key is not None else frame.get("conversation_id")
         candidates = [e for e in self._requests if kind == "error" or e[0] == kind]
+        if key is not None:
+            candidates = [e for e in candidates if e[1] == key]
         if not candidates:
             return False
         # The server answers in order; prefer the request for the same conversation.
-        entry = next((e for e in candidates if e[1] == conversation), candidates[0])
+        entry = next((e for e in candidates if e[1] == wanted), candidates[0])
         self._requests.remove(entry)
         if not entry[2].done():
             if kind == "error":
@@ -267,6 +278,14 @@ class RapportConnection:
         await self._start_with_sink(frame, stream)
         return stream
 
+    async def start_frame(self, frame: dict[str, Any]) -> TurnStream:
+        """Send a turn-starting frame built by :mod:`protocol.client_frames` (``turn.start``,
+        ``turn.regenerate``, ``turn.edit``) and stream the turn it starts."""
+        stream = TurnStream(self, client_turn_id=frame["client_turn_id"],
+                            conversation_id=frame.get("conversation_id", DEFAULT_CONVERSATION))
+        await self._start_with_sink(frame, stream)
+        return stream
+
     async def resume(self, turn_id: str, after_seq: int) -> TurnStream:
         stream = TurnStream(self, turn_id=turn_id, after_seq=after_seq)
         await self._resume_with_sink(turn_id, after_seq, stream)
@@ -306,10 +325,36 @@ class RapportConnection:
         frame = client_frames.history_clear(conversation_id)
         return await self._request(frame, "history.cleared", conversation_id, timeout)
 
-    async def _request(self, frame: dict[str, Any], expect: str, conversation_id: str | None,
+    async def select(self, turn_id: str, conversation_id: str = DEFAULT_CONVERSATION, *,
+                     timeout: float | None = 30.0) -> dict[str, Any]:
+        """``turn.select``: the reply ``turn_id`` is the one the model sees from now on."""
+        frame = client_frames.turn_select(turn_id, conversation_id=conversation_id)
+        return await self._request(frame, "turn.selected", turn_id, timeout)
+
+    async def feedback(self, turn_id: str, rating: int, reason: str | None = None, *,
+                       timeout: float | None = 30.0) -> dict[str, Any]:
+        """Rate the reply ``turn_id`` (1 or -1)."""
+        frame = client_frames.feedback(turn_id, rating, reason=reason)
+        return await self._request(frame, "feedback.recorded", turn_id, timeout)
+
+    async def memory_add(self, text: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """``memory.add``: pin a fact; the answer is the ``memory`` frame with the whole list."""
+        # A memory answer names no conversation nor turn: it waits under no key and
+        # is matched by its type (the server answers a socket's requests in order).
+        return await self._request(client_frames.memory_add(text), "memory", None, timeout)
+
+    async def memory_list(self, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """``memory.list``: the ``memory`` frame with the user's pinned facts."""
+        return await self._request(client_frames.memory_list(), "memory", None, timeout)
+
+    async def memory_delete(self, fact_id: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """``memory.delete``: unpin one fact; the ``memory`` frame after the change."""
+        return await self._request(client_frames.memory_delete(fact_id), "memory", None, timeout)
+
+    async def _request(self, frame: dict[str, Any], expect: str, key: str | None,
                        timeout: float | None) -> dict[str, Any]:
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        entry = (expect, conversation_id, fut)
+        entry = (expect, key, fut)
         self._requests.append(entry)
         try:
             await self.send_frame(frame)

@@ -24,6 +24,19 @@ Figures per target:
 * budget misses: turns whose first token came later than ``--budget-ms``, plus
   turns that ended ``budget_exceeded``.
 
+Remembered facts: a scenario's ``remember`` list is pinned with ``memory.add``
+(docs/protocol.md, addition 22) before its first turn, on the conversation's
+own user (so facts never leak into another conversation), and deleted again
+when the conversation ends. A target run without memory (``--memory off`` at
+its position, or ``--no-memory``), and a server older than addition 22 (it
+refuses ``memory.*`` as an unknown frame type), get the facts instead as the
+conversation's first user messages, one fact each, played like any turn (they
+count in the turn figures, carry no checks, and are marked ``setup`` in the
+JSON); a progress line and the table row "remembered facts" say which
+happened. That is the "without memory" side of a comparison: the facts then
+live only in history, where a short prompt window (``--max-history-turns``)
+loses them unless the server's conversation summary keeps them.
+
 Scenarios and how their checks are scored are :mod:`clients.eval_scenarios`'s;
 summaries, thresholds and the table are :mod:`clients.eval_summary`'s. This
 module plays the conversations and is the command line.
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -94,6 +108,10 @@ __all__ = [
     "CheckResult",
     "EvalConfig",
     "EvalReport",
+    "FACTS_AS_MESSAGES",
+    "FACTS_PINNED",
+    "FACTS_SERVER_WITHOUT_MEMORY",
+    "ConversationRecord",
     "Scenario",
     "ScenarioError",
     "ScenarioTurn",
@@ -107,6 +125,7 @@ __all__ = [
     "load_scenario",
     "load_scenarios",
     "main",
+    "memory_unsupported",
     "normalize_text",
     "parse_scenario",
     "render_failures",
@@ -126,6 +145,17 @@ RETRYABLE_CODES = frozenset({"busy", "rate_limited", "turn_in_progress"})
 MAX_ADVISED_WAIT_S = 60.0  # a retry_after_ms beyond this is a server bug, not advice to follow
 CONNECT_RETRY_S = 1.0  # a conversation tries to connect twice, this far apart
 
+# How a conversation's ``remember`` facts reached the target (TargetSummary.facts_modes).
+FACTS_PINNED = "pinned (memory.add)"
+FACTS_AS_MESSAGES = "sent as messages (--memory off)"
+FACTS_SERVER_WITHOUT_MEMORY = "sent as messages (server has no memory.*)"
+
+
+def memory_unsupported(exc: ServerError) -> bool:
+    """A server older than addition 22 refuses ``memory.*`` as an unknown frame
+    type (``bad_request``), which is the only way a version-1 client can tell."""
+    return exc.code == "bad_request" and "unknown frame type" in exc.message
+
 
 # ---------------------------------------------------------------------------
 # Running conversations (I/O)
@@ -136,6 +166,27 @@ CONNECT_RETRY_S = 1.0  # a conversation tries to connect twice, this far apart
 class TargetSpec:
     url: str
     label: str | None = None
+    #: pin ``remember`` facts with memory.add (False: send them as plain messages)
+    memory: bool = True
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    """One conversation as played: whose it was and what happened to its facts."""
+
+    scenario: str
+    repeat: int
+    user: str
+    conversation_id: str
+    facts_mode: str | None = None  # None: the scenario remembers nothing
+    #: the facts this conversation pinned, as the server's ``memory`` answer listed them
+    pinned: list[dict[str, Any]] = field(default_factory=list)
+    cleanup_error: str | None = None  # a pinned fact that could not be deleted afterwards
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "repeat": self.repeat, "user": self.user,
+                "conversation_id": self.conversation_id, "facts_mode": self.facts_mode,
+                "pinned": [dict(f) for f in self.pinned], "cleanup_error": self.cleanup_error}
 
 
 @dataclass(slots=True)
@@ -182,6 +233,10 @@ class TargetRun:
     results: list[TurnResult]
     model: str | None = None
     label: str = ""
+    conversations: list[ConversationRecord] = field(default_factory=list)
+
+    def facts_modes(self) -> dict[str, int]:
+        return dict(Counter(c.facts_mode for c in self.conversations if c.facts_mode is not None))
 
 
 @dataclass(slots=True)
@@ -200,24 +255,35 @@ class EvalReport:
         return [f for run in self.runs for f in failures_of(run.label, run.results)]
 
 
+def _facts_of(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fact objects of a ``memory`` answer (malformed entries skipped)."""
+    facts = answer.get("facts")
+    return [f for f in facts if isinstance(f, dict)] if isinstance(facts, list) else []
+
+
 class _Conversation:
     """One scenario played once on one target, over one connection (re-opened if lost)."""
 
     def __init__(self, cfg: EvalConfig, url: str, scenario: Scenario, repeat: int, user: str,
-                 on_ready: Callable[[dict[str, Any]], None]) -> None:
+                 on_ready: Callable[[dict[str, Any]], None], *, memory: bool = True) -> None:
         self.cfg = cfg
         self.url = url
         self.scenario = scenario
         self.repeat = repeat
         self.user = user
+        self.memory = memory
         self.conversation_id = f"eval-{uuid.uuid4().hex}"
         self.on_ready = on_ready
         self.conn: RapportConnection | None = None
         self.fatal: str | None = None  # a connection that cannot be opened fails the remaining turns
+        self.record = ConversationRecord(scenario=scenario.name, repeat=repeat, user=user,
+                                         conversation_id=self.conversation_id)
 
     async def run(self) -> list[TurnResult]:
         results: list[TurnResult] = []
         try:
+            if self.scenario.remember:
+                results.extend(await self._remember())
             for index, turn in enumerate(self.scenario.turns, 1):
                 result = TurnResult(scenario=self.scenario.name, repeat=self.repeat, turn=index, user=turn.user)
                 if self.fatal is None and (self.conn is None or self.conn.closed):
@@ -230,9 +296,89 @@ class _Conversation:
                                  else fail_checks(turn.checks, result.error or f"ended {result.finish_reason}"))
                 results.append(result)
         finally:
-            if self.conn is not None:
-                await self.conn.close()
+            try:
+                await self._forget()
+            finally:
+                if self.conn is not None:
+                    await self.conn.close()
         return results
+
+    async def _remember(self) -> list[TurnResult]:
+        """The scenario's facts: pinned before the first turn, else its first user messages."""
+        facts = self.scenario.remember
+        await self._connect()
+        if self.fatal is not None or self.conn is None:
+            return []  # the scripted turns report the failure
+        mode = FACTS_AS_MESSAGES
+        if self.memory:
+            mode = await self._pin(self.conn, facts)
+            if self.fatal is not None:
+                return []
+        self.record.facts_mode = mode
+        if mode == FACTS_PINNED:
+            return []
+        results = []
+        for fact in facts:
+            result = TurnResult(scenario=self.scenario.name, repeat=self.repeat, turn=0, user=fact, setup=True)
+            if self.conn is None or self.conn.closed:
+                await self._connect()
+            if self.fatal is not None:
+                result.error = self.fatal
+            else:
+                await self._play(ScenarioTurn(user=fact), result)
+            results.append(result)
+        return results
+
+    async def _pin(self, conn: RapportConnection, facts: Sequence[str]) -> str:
+        """``memory.add`` each fact; FACTS_PINNED, or FACTS_SERVER_WITHOUT_MEMORY for an older server.
+
+        Only facts this conversation added are recorded (and deleted later): a
+        shared ``--token`` user may already hold some of them.
+        """
+        try:
+            before = {f.get("id") for f in _facts_of(await conn.memory_list())}
+            answer: dict[str, Any] = {}
+            for fact in facts:
+                answer = await conn.memory_add(fact)
+        except ServerError as exc:
+            if memory_unsupported(exc):
+                return FACTS_SERVER_WITHOUT_MEMORY
+            self.fatal = f"memory_refused: {exc.code}: {exc.message}"
+        except (ClientError, TimeoutError) as exc:
+            self.fatal = f"memory_failed: {exc}"
+        else:
+            self.record.pinned = [f for f in _facts_of(answer) if f.get("id") not in before]
+            return FACTS_PINNED
+        # Whatever was pinned before the failure is still the user's: find it to delete it.
+        with contextlib.suppress(ClientError, TimeoutError):
+            if not conn.closed:
+                self.record.pinned = [f for f in _facts_of(await conn.memory_list())
+                                      if f.get("id") not in before and f.get("text") in facts]
+        return FACTS_PINNED
+
+    async def _forget(self) -> None:
+        """Unpin what this conversation pinned, so the user's facts are as they were."""
+        if not self.record.pinned:
+            return
+        if self.conn is None or self.conn.closed:
+            self.fatal = None
+            await self._connect()
+        conn = self.conn
+        if conn is None or conn.closed:
+            self.record.cleanup_error = f"could not reconnect: {self.fatal}"
+            return
+        for fact in self.record.pinned:
+            fact_id = fact.get("id")
+            if not isinstance(fact_id, str):
+                continue
+            try:
+                await conn.memory_delete(fact_id)
+            except ServerError as exc:
+                if exc.code != "not_found":  # already gone is what we wanted
+                    self.record.cleanup_error = f"{exc.code}: {exc.message}"
+            except (ClientError, TimeoutError) as exc:
+                self.record.cleanup_error = f"memory.delete {fact_id}: {exc}"
+                return
 
     async def _connect(self) -> None:
         """Open (one retry after 1 s); refused credentials or a second failure end the conversation."""
@@ -334,7 +480,7 @@ class _Conversation:
 
 async def _run_target(cfg: EvalConfig, spec: TargetSpec, run_id: str, report: Callable[[str], None]) -> TargetRun:
     url = normalize_url(spec.url)
-    run = TargetRun(spec=TargetSpec(url, spec.label), results=[])
+    run = TargetRun(spec=TargetSpec(url, spec.label, spec.memory), results=[])
     semaphore = asyncio.Semaphore(max(1, cfg.concurrency))
     counter = itertools.count()
 
@@ -346,11 +492,18 @@ async def _run_target(cfg: EvalConfig, spec: TargetSpec, run_id: str, report: Ca
     async def one(scenario: Scenario, repeat: int) -> list[TurnResult]:
         async with semaphore:
             user = f"{cfg.user_prefix}{run_id}-{next(counter)}"
-            results = await _Conversation(cfg, url, scenario, repeat, user, on_ready).run()
+            conversation = _Conversation(cfg, url, scenario, repeat, user, on_ready, memory=spec.memory)
+            run.conversations.append(conversation.record)
+            results = await conversation.run()
         passed = sum(c.passed for r in results for c in r.checks)
         checks = sum(len(r.checks) for r in results)
         trouble = sum(r.interrupted for r in results)
         line = f"{spec.label or url}: {scenario.name}#{repeat + 1}: {passed}/{checks} checks passed"
+        record = conversation.record
+        if record.facts_mode is not None:
+            line += f"; {len(scenario.remember)} remembered fact(s) {record.facts_mode}"
+        if record.cleanup_error:
+            line += f"; pinned facts NOT deleted ({record.cleanup_error})"
         report(line + (f", {trouble} turn(s) interrupted" if trouble else ""))
         return results
 
@@ -389,7 +542,8 @@ async def run_eval(cfg: EvalConfig) -> EvalReport:
         runs.append(await _run_target(cfg, spec, run_id, report))
     _assign_labels(runs)
     summaries = [summarize(run.results, label=run.label, url=run.spec.url, model=run.model,
-                           budget_ms=cfg.budget_ms, thresholds=cfg.thresholds) for run in runs]
+                           budget_ms=cfg.budget_ms, thresholds=cfg.thresholds, facts_modes=run.facts_modes())
+                 for run in runs]
     return EvalReport(config=cfg, runs=runs, summaries=summaries, started_at=started_at,
                       duration_s=time.monotonic() - t0)
 
@@ -401,8 +555,9 @@ def report_to_dict(report: EvalReport) -> dict[str, Any]:
         "started_at": report.started_at,
         "duration_s": round(report.duration_s, 3),
         "config": {
-            "scenarios": [{"name": s.name, "source": s.source, "turns": len(s.turns), "checks": s.check_count}
-                          for s in cfg.scenarios],
+            "scenarios": [{"name": s.name, "source": s.source, "turns": len(s.turns), "checks": s.check_count,
+                           "remember": list(s.remember)} for s in cfg.scenarios],
+            "memory": {spec.label or spec.url: spec.memory for spec in cfg.targets},
             "repeat": cfg.repeat, "concurrency": cfg.concurrency, "temperature": cfg.temperature,
             "seed": cfg.seed, "seed_sent": False, "max_tokens": cfg.max_tokens, "budget_ms": cfg.budget_ms,
             "subprotocol": MSGPACK_SUBPROTOCOL if cfg.msgpack else JSON_SUBPROTOCOL,
@@ -414,6 +569,7 @@ def report_to_dict(report: EvalReport) -> dict[str, Any]:
         "passed": report.passed,
         "failures": report.failures(),
         "turns": {run.label: [r.to_dict() for r in run.results] for run in report.runs},
+        "conversations": {run.label: [c.to_dict() for c in run.conversations] for run in report.runs},
     }
 
 
@@ -429,6 +585,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
            "'ready' frame names). Default ws://127.0.0.1:8000/v1/ws")
     a("--label", action="append", default=None,
       help="label for the target at the same position (repeatable; default: the model name)")
+    a("--memory", action="append", default=None, choices=("on", "off"),
+      help="for the target at the same position (repeatable, like --label): 'on' pins a scenario's "
+           "'remember' facts with memory.add, 'off' sends them as the first user messages instead "
+           "(default on; a server without memory.* falls back to messages by itself)")
+    a("--no-memory", action="store_true", help="--memory off for every target")
     a("--scenario", action="append", default=None, metavar="NAME|PATH",
       help="a shipped scenario name or a .json file (repeatable; default: every shipped scenario)")
     a("--list-scenarios", action="store_true", help="print the shipped scenarios and exit")
@@ -466,6 +627,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     labels = args.label or []
     if len(labels) > len(targets):
         raise ValueError(f"{len(labels)} --label for {len(targets)} --target")
+    memory = getattr(args, "memory", None) or []
+    if len(memory) > len(targets):
+        raise ValueError(f"{len(memory)} --memory for {len(targets)} --target")
+    if memory and getattr(args, "no_memory", False):
+        raise ValueError("choose --memory per target or --no-memory, not both")
     if args.repeat < 1 or args.concurrency < 1:
         raise ValueError("--repeat and --concurrency must be >= 1")
     if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
@@ -476,9 +642,18 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         raise ValueError("--turn-timeout-s and --budget-ms must be > 0, --max-retries >= 0")
     if sum(bool(x) for x in (args.token, args.jwt_secret, args.dev_users)) > 1:
         raise ValueError("choose one of --token, --jwt-secret and --dev-users")
-    specs = [TargetSpec(url, labels[i] if i < len(labels) else None) for i, url in enumerate(targets)]
+    specs = [TargetSpec(url, labels[i] if i < len(labels) else None,
+                        memory=not getattr(args, "no_memory", False) and (i >= len(memory) or memory[i] == "on"))
+             for i, url in enumerate(targets)]
+    scenarios = load_scenarios(args.scenario)
+    if args.token and args.concurrency > 1 and any(s.remember for s in scenarios):
+        # One user for every conversation: a conversation that ends would unpin
+        # the facts another one is still using.
+        raise ValueError("scenarios with 'remember' pin facts on the user: with one --token for every "
+                         "conversation, run them with --concurrency 1 (or give each its own user with "
+                         "--jwt-secret or --dev-users)")
     return EvalConfig(
-        targets=specs, scenarios=load_scenarios(args.scenario), repeat=args.repeat,
+        targets=specs, scenarios=scenarios, repeat=args.repeat,
         concurrency=args.concurrency, temperature=args.temperature, seed=args.seed,
         max_tokens=args.max_tokens, token=args.token, jwt_secret=args.jwt_secret, dev_users=args.dev_users,
         user_prefix=args.user_prefix if args.user_prefix is not None else "eval-",

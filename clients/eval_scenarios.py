@@ -12,6 +12,12 @@ whitespace runs become one space; case folded). ``pattern`` is a Python regular
 expression searched in the NFKC-normalised reply (not case folded; the search
 ignores case). A turn that did not complete fails all of its checks
 (:func:`fail_checks`).
+
+``remember`` (optional) lists facts the user pins before the first turn
+(``memory.add``, docs/protocol.md addition 22); the runner
+(:mod:`clients.eval`) decides whether they are pinned or sent as plain
+messages. Their bounds are the protocol's: at most :data:`MAX_FACTS` facts of
+at most :data:`MAX_FACT_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any
 __all__ = [
     "CHECK_KINDS",
     "CHECK_OPS",
+    "MAX_FACTS",
+    "MAX_FACT_CHARS",
     "Check",
     "CheckResult",
     "Scenario",
@@ -49,7 +57,11 @@ CHECK_KINDS = ("recall", "style", "safety")
 CHECK_OPS = ("must_include_any", "must_include_all", "must_not_include", "pattern")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SCENARIO_KEYS = ("name", "description", "language", "tags", "turns", "comment", "schema_version")
+_SCENARIO_KEYS = ("name", "description", "language", "tags", "remember", "turns", "comment", "schema_version")
+#: A pinned fact is at most this long (docs/protocol.md, addition 22: ``memory.add``).
+MAX_FACT_CHARS = 500
+#: A user holds at most this many pinned facts (the same addition).
+MAX_FACTS = 50
 _TURN_KEYS = ("user", "checks", "comment")
 _CHECK_KEYS = ("kind", "name", "comment", *CHECK_OPS)
 
@@ -96,6 +108,8 @@ class Scenario:
     language: str = ""
     tags: tuple[str, ...] = ()
     source: str = ""
+    #: facts pinned before the first turn (``memory.add``), in order
+    remember: tuple[str, ...] = ()
 
     @property
     def check_count(self) -> int:
@@ -177,6 +191,7 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ScenarioError(f"{where}: 'tags' must be a list of strings")
+    remember = _parse_remember(data.get("remember", []), where)
     raw_turns = data.get("turns")
     if not isinstance(raw_turns, list) or not raw_turns:
         raise ScenarioError(f"{where}: 'turns' must be a non-empty list of {{\"user\": ..., \"checks\": [...]}}")
@@ -195,7 +210,27 @@ def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
         checks = tuple(_parse_check(c, f"{at}.checks[{j}]", j) for j, c in enumerate(raw_checks))
         turns.append(ScenarioTurn(user=user, checks=checks))
     return Scenario(name=name, turns=tuple(turns), description=data.get("description", ""),
-                    language=data.get("language", ""), tags=tuple(tags), source=source)
+                    language=data.get("language", ""), tags=tuple(tags), source=source, remember=remember)
+
+
+def _parse_remember(raw: Any, where: str) -> tuple[str, ...]:
+    """``remember``: the facts to pin, within the bounds ``memory.add`` accepts
+    (refused here rather than by the server halfway through a run)."""
+    if not isinstance(raw, list):
+        raise ScenarioError(f"{where}: 'remember' must be a list of strings (facts to pin)")
+    if len(raw) > MAX_FACTS:
+        raise ScenarioError(f"{where}: 'remember' holds {len(raw)} facts; a user can pin at most {MAX_FACTS}")
+    facts: list[str] = []
+    for i, fact in enumerate(raw):
+        if not isinstance(fact, str) or not fact.strip():
+            raise ScenarioError(f"{where}: remember[{i}] must be a non-empty string, not {fact!r}")
+        if len(fact) > MAX_FACT_CHARS:
+            raise ScenarioError(f"{where}: remember[{i}] is {len(fact)} characters; a pinned fact is at most "
+                                f"{MAX_FACT_CHARS}")
+        if fact in facts:
+            raise ScenarioError(f"{where}: remember[{i}] repeats remember[{facts.index(fact)}]")
+        facts.append(fact)
+    return tuple(facts)
 
 
 def _scenario_dir() -> Any:

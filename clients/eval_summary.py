@@ -65,6 +65,9 @@ class TurnResult:
     retry_codes: list[str] = field(default_factory=list)
     server_timings: dict[str, Any] | None = None
     checks: list[CheckResult] = field(default_factory=list)
+    #: a scenario's ``remember`` fact sent as an ordinary message (the target
+    #: had no memory, see clients.eval), not one of its scripted turns; ``turn`` is 0
+    setup: bool = False
 
     @property
     def completed(self) -> bool:
@@ -79,7 +82,7 @@ class TurnResult:
                 "reply": self.reply, "finish_reason": self.finish_reason, "error": self.error,
                 "ttft_ms": _round(self.ttft_ms), "turn_ms": _round(self.turn_ms), "retries": self.retries,
                 "retry_codes": list(self.retry_codes), "server_timings": self.server_timings,
-                "checks": [c.to_dict() for c in self.checks]}
+                "checks": [c.to_dict() for c in self.checks], "setup": self.setup}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,11 @@ class TargetSummary:
     finish_reasons: dict[str, int]
     errors: dict[str, int]
     thresholds: list[ThresholdResult]
+    #: recall checks (passed, total) per scenario, in the order first played
+    recall_by_scenario: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: how the conversations with ``remember`` facts got them: mode -> conversations
+    #: (clients.eval: "pinned", "messages", "messages (server has no memory.*)")
+    facts_modes: dict[str, int] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float | None:
@@ -165,6 +173,9 @@ class TargetSummary:
             "budget_ms": self.budget_ms, "budget_misses": self.budget_misses, "retries": self.retries,
             "retry_codes": dict(self.retry_codes), "finish_reasons": dict(self.finish_reasons),
             "errors": dict(self.errors),
+            "recall_by_scenario": {name: {"passed": p, "total": t, "accuracy": _round(p / t if t else None, 4)}
+                                   for name, (p, t) in self.recall_by_scenario.items()},
+            "facts_modes": dict(self.facts_modes),
             "thresholds": [t.to_dict() for t in self.thresholds], "passed": self.passed,
         }
 
@@ -198,13 +209,17 @@ def evaluate_thresholds(*, accuracy: float | None, turn_p95_ms: float | None,
 
 def summarize(results: Sequence[TurnResult], *, label: str = "target", url: str = "",
               model: str | None = None, budget_ms: float = 2000.0,
-              thresholds: Thresholds | None = None) -> TargetSummary:
+              thresholds: Thresholds | None = None, facts_modes: dict[str, int] | None = None) -> TargetSummary:
     """Aggregate one target's turns into its figures and threshold verdicts."""
     thresholds = thresholds or Thresholds()
     counts: Counter[tuple[str, bool]] = Counter()
+    by_scenario: dict[str, tuple[int, int]] = {}
     for r in results:
         for c in r.checks:
             counts[(c.check.kind, c.passed)] += 1
+            if c.check.kind == "recall":
+                p, t = by_scenario.get(r.scenario, (0, 0))
+                by_scenario[r.scenario] = (p + c.passed, t + 1)
     ttfts = sorted(r.ttft_ms for r in results if r.ttft_ms is not None)
     turn_times = sorted(r.turn_ms for r in results if r.completed and r.turn_ms is not None)
     misses = sum(1 for r in results if (r.ttft_ms is not None and r.ttft_ms > budget_ms)
@@ -235,6 +250,7 @@ def summarize(results: Sequence[TurnResult], *, label: str = "target", url: str 
         errors=dict(Counter(_error_kind(r.error) for r in results if r.error)),
         thresholds=evaluate_thresholds(accuracy=accuracy, turn_p95_ms=turn_p95, interruption_rate=rate,
                                        thresholds=thresholds),
+        recall_by_scenario=by_scenario, facts_modes=dict(facts_modes or {}),
     )
 
 
@@ -265,6 +281,30 @@ def _ratio(passed: int, total: int) -> str:
     return "-" if not total else f"{passed}/{total} ({passed / total:.0%})"
 
 
+def _scenario_rows(summaries: Sequence[TargetSummary]) -> list[tuple[str, list[str]]]:
+    """Context accuracy per scenario, when more than one scenario had recall checks."""
+    names = list(dict.fromkeys(n for s in summaries for n in s.recall_by_scenario))
+    if len(names) < 2:
+        return []
+    rows = []
+    for name in names:
+        cells = []
+        for s in summaries:
+            p, t = s.recall_by_scenario.get(name, (0, 0))
+            cells.append(f"{_pct(p / t)} ({p}/{t})" if t else "-")
+        rows.append((f"  {name}", cells))
+    return rows
+
+
+def _facts_rows(summaries: Sequence[TargetSummary]) -> list[tuple[str, list[str]]]:
+    """How ``remember`` facts reached each target, when any scenario had them."""
+    if not any(s.facts_modes for s in summaries):
+        return []
+    return [("remembered facts", [", ".join(mode if len(s.facts_modes) == 1 else f"{mode} ({n})"
+                                            for mode, n in s.facts_modes.items()) or "-"
+                                  for s in summaries])]
+
+
 def render_table(summaries: Sequence[TargetSummary]) -> str:
     """One table, one column per target, one row per figure; PASS/FAIL at the bottom."""
     if not summaries:
@@ -276,6 +316,8 @@ def render_table(summaries: Sequence[TargetSummary]) -> str:
         ("turns (completed)", [f"{s.turns} ({s.completed_turns})" for s in summaries]),
         ("context accuracy", [f"{_pct(s.accuracy)} ({s.recall_passed}/{s.recall_total})"
                               if s.recall_total else "- (no recall checks)" for s in summaries]),
+        *_scenario_rows(summaries),
+        *_facts_rows(summaries),
         ("style checks passed", [_ratio(s.style_passed, s.style_total) for s in summaries]),
         ("safety checks passed", [_ratio(s.safety_passed, s.safety_total) for s in summaries]),
         ("TTFT p50 / p95 (ms)", [f"{_ms(s.ttft_p50_ms)} / {_ms(s.ttft_p95_ms)}" for s in summaries]),

@@ -467,6 +467,20 @@ class ResilientClient:
         await turn.submit()
         return turn
 
+    def regenerate(self, *, conversation_id: str = DEFAULT_CONVERSATION, exchange_id: str | None = None,
+                   client_turn_id: str | None = None, options: dict[str, Any] | None = None) -> ResilientTurn:
+        """Another reply to the newest exchange (a swipe), with every guarantee of a turn."""
+        frame = client_frames.turn_regenerate(client_turn_id=client_turn_id, conversation_id=conversation_id,
+                                              exchange_id=exchange_id, options=options)
+        return ResilientTurn(self, frame)
+
+    def edit(self, text: str, *, exchange_id: str, conversation_id: str = DEFAULT_CONVERSATION,
+             client_turn_id: str | None = None, options: dict[str, Any] | None = None) -> ResilientTurn:
+        """Replace the newest user message (exchange ``exchange_id``) and stream the reply to ``text``."""
+        frame = client_frames.turn_edit(text, exchange_id=exchange_id, client_turn_id=client_turn_id,
+                                        conversation_id=conversation_id, options=options)
+        return ResilientTurn(self, frame)
+
     async def follow(self, turn_id: str, *, after_seq: int = 0,
                      conversation_id: str | None = None) -> ResilientTurn:
         """Follow a turn started elsewhere (e.g. one of ``ready.active_turns``)."""
@@ -558,6 +572,27 @@ class ResilientClient:
     async def clear_history(self, conversation_id: str = DEFAULT_CONVERSATION, *,
                             timeout: float | None = 30.0) -> dict[str, Any]:
         return await self._call(lambda conn: conn.clear_history(conversation_id, timeout=None), timeout)
+
+    async def select(self, turn_id: str, conversation_id: str = DEFAULT_CONVERSATION, *,
+                     timeout: float | None = 30.0) -> dict[str, Any]:
+        """``turn.select`` (idempotent, so retried across reconnects)."""
+        return await self._call(lambda conn: conn.select(turn_id, conversation_id, timeout=None), timeout)
+
+    async def feedback(self, turn_id: str, rating: int, reason: str | None = None, *,
+                       timeout: float | None = 30.0) -> dict[str, Any]:
+        """Rate a reply; rating again replaces the rating, so a retry is harmless."""
+        return await self._call(lambda conn: conn.feedback(turn_id, rating, reason, timeout=None), timeout)
+
+    async def memory_add(self, text: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """Pin a fact; the same text twice is pinned once, so a retry is harmless."""
+        return await self._call(lambda conn: conn.memory_add(text, timeout=None), timeout)
+
+    async def memory_list(self, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        return await self._call(lambda conn: conn.memory_list(timeout=None), timeout)
+
+    async def memory_delete(self, fact_id: str, *, timeout: float | None = 30.0) -> dict[str, Any]:
+        """Unpin a fact. A retry after a lost answer may hear ``not_found``: the first try did it."""
+        return await self._call(lambda conn: conn.memory_delete(fact_id, timeout=None), timeout)
 
     async def ping(self, *, timeout: float | None = 10.0) -> float:
         return await self._call(lambda conn: conn.ping(timeout=None), timeout)

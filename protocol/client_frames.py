@@ -20,6 +20,9 @@ __all__ = [
     "hello",
     "history_clear",
     "history_get",
+    "memory_add",
+    "memory_delete",
+    "memory_list",
     "new_client_turn_id",
     "ping",
     "pong",
@@ -101,6 +104,21 @@ def turn_select(turn_id: str, *, conversation_id: str | None = None) -> dict[str
 def feedback(turn_id: str, rating: int, *, reason: str | None = None) -> dict[str, Any]:
     """``feedback``: rate one reply, 1 or -1."""
     return _without_none({"type": "feedback", "turn_id": turn_id, "rating": rating, "reason": reason})
+
+
+def memory_add(text: str) -> dict[str, Any]:
+    """``memory.add``: pin a fact for every conversation of the user; answered by ``memory``."""
+    return {"type": "memory.add", "text": text}
+
+
+def memory_list() -> dict[str, Any]:
+    """``memory.list``: the user's pinned facts; answered by ``memory``."""
+    return {"type": "memory.list"}
+
+
+def memory_delete(fact_id: str) -> dict[str, Any]:
+    """``memory.delete``: unpin the fact ``fact_id``; answered by ``memory``."""
+    return {"type": "memory.delete", "id": fact_id}
 
 
 def turn_cancel(turn_id: str) -> dict[str, Any]:

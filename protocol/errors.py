@@ -44,6 +44,12 @@ class TurnInProgress(RapportError):
     code = "turn_in_progress"
 
 
+class Conflict(RapportError):
+    """The thing already exists (creating a character under an id that is taken)."""
+
+    code = "conflict"
+
+
 class RateLimited(RapportError):
     code = "rate_limited"
 
@@ -108,6 +114,7 @@ HTTP_STATUS: dict[str, int] = {
     "unauthorized": 401,
     "not_found": 404,
     "turn_in_progress": 409,
+    "conflict": 409,
     "rate_limited": 429,
     "busy": 429,
     "unavailable": 503,

@@ -11,7 +11,7 @@ codec has one shape to encode and tests can compare against the contract.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,31 @@ MAX_FEEDBACK_REASON_CHARS = 1000
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryAdd:
+    """Pin a fact the model sees in every conversation of the user (addition 22)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryList:
+    """Ask for the user's pinned facts (addition 22)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDelete:
+    """Unpin one fact by its id (addition 22)."""
+
+    id: str
+
+
+#: What one pinned fact may hold (``memory.add.text``).
+MAX_FACT_CHARS = 500
+#: Fact ids are "f_" and 16 hex digits; anything longer is not one.
+MAX_FACT_ID_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
 class TurnCancel:
     turn_id: str
 
@@ -135,7 +160,7 @@ class Pong:
 
 
 ClientFrame = (Hello | TurnStart | TurnRegenerate | TurnEdit | TurnSelect | Feedback | TurnCancel
-               | TurnResume | HistoryGet | HistoryClear | Ping | Pong)
+               | TurnResume | HistoryGet | HistoryClear | Ping | Pong | MemoryAdd | MemoryList | MemoryDelete)
 
 #: The frames that start a turn; each carries a ``client_turn_id``.
 TURN_STARTING_TYPES = frozenset({"turn.start", "turn.regenerate", "turn.edit"})
@@ -335,6 +360,21 @@ def _feedback(obj: dict[str, Any], _: int) -> Feedback:
     )
 
 
+def _memory_add(obj: dict[str, Any], _: int) -> MemoryAdd:
+    text = _str(obj, "text", max_chars=MAX_FACT_CHARS) or ""
+    if not text.strip():
+        raise BadRequest("field 'text' must not be empty")
+    return MemoryAdd(text=text)
+
+
+def _memory_list(obj: dict[str, Any], _: int) -> MemoryList:
+    return MemoryList()
+
+
+def _memory_delete(obj: dict[str, Any], _: int) -> MemoryDelete:
+    return MemoryDelete(id=_str(obj, "id", max_chars=MAX_FACT_ID_CHARS))  # type: ignore[arg-type]
+
+
 def _turn_cancel(obj: dict[str, Any], _: int) -> TurnCancel:
     return TurnCancel(turn_id=_str(obj, "turn_id"))  # type: ignore[arg-type]
 
@@ -383,6 +423,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any], int], ClientFrame]] = {
     "history.clear": _history_clear,
     "ping": _ping,
     "pong": _pong,
+    "memory.add": _memory_add,
+    "memory.list": _memory_list,
+    "memory.delete": _memory_delete,
 }
 
 
@@ -433,6 +476,13 @@ def turn_selected(*, conversation_id: str, exchange_id: str, turn_id: str) -> di
 
 def feedback_recorded(*, turn_id: str, rating: int) -> dict[str, Any]:
     return {"type": "feedback.recorded", "turn_id": turn_id, "rating": rating}
+
+
+def memory(facts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``memory``: the user's whole list of pinned facts ({id, text, created_at}), oldest first;
+    the answer to every ``memory.*`` frame, after the change it asked for."""
+    return {"type": "memory", "facts": [{"id": f["id"], "text": f["text"], "created_at": f["created_at"]}
+                                        for f in facts]}
 
 
 def turn_delta(turn_id: str, seq: int, text: str) -> dict[str, Any]:

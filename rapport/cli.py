@@ -1,4 +1,4 @@
-"""The ``rapport`` command line: serve, token, chat, prepare-model, audit (and the
+"""The ``rapport`` command line: serve, token, chat, prepare-model, audit, export (and the
 tools that later issues add: bench, eval)."""
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_lora(args: argparse.Namespace) -> int:
+    from server.lora_prep import prepare_lora_command
+
+    return prepare_lora_command(args)
+
+
 def _chat(args: argparse.Namespace) -> int:
     from clients.chat import chat_command
 
@@ -131,8 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", "-f", action="store_true", help="then keep printing new entries")
     tail.set_defaults(func=_audit_tail)
 
+    from server.export import add_export_arguments, export_command
+
+    export = sub.add_parser("export", help="write rated and chosen replies as training data (TRL JSON Lines)")
+    add_export_arguments(export)
+    export.set_defaults(func=export_command)
+
     prep = sub.add_parser("prepare-model", help="convert the small CPU model shipped on PyPI, once")
     prep.set_defaults(func=_prepare_model)
+
+    from server.lora_prep import add_prepare_lora_arguments
+
+    prep_lora = sub.add_parser("prepare-lora", help="build a small LoRA adapter for the default model, once")
+    add_prepare_lora_arguments(prep_lora)
+    prep_lora.set_defaults(func=_prepare_lora)
 
     from clients.bench import add_bench_arguments
     from clients.chat import add_chat_arguments

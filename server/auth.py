@@ -75,6 +75,9 @@ class Identity:
     #: Vouched for by the public development secret or a development ``hello.user``:
     #: anyone could have made it, so it never reaches admin endpoints off loopback.
     development: bool = False
+    #: The token's ``name`` claim (OpenID Connect's display name), if any: what
+    #: a character calls the user (``{{user}}``, docs/protocol.md addition 18).
+    name: str | None = None
 
     def has(self, role: str) -> bool:
         """Whether the caller holds ``role`` or a stronger one."""
@@ -276,7 +279,7 @@ class Authenticator:
             raise AuthFailure(exc.message, reason="user_id") from None
         roles = {"user", *(r for r in self._roles(claims) if r in ROLES)}
         development = self.keys is None and self.secret == DEV_JWT_SECRET
-        return Identity(user_id, frozenset(roles), development=development)
+        return Identity(user_id, frozenset(roles), development=development, name=display_name(claims))
 
     def _roles(self, claims: Mapping[str, Any]) -> list[str]:
         """The roles claim: looked up by its exact name, else as a dotted path
@@ -325,3 +328,20 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
+
+
+#: The longest display name a character may call the user by.
+MAX_DISPLAY_NAME_CHARS = 64
+
+
+def display_name(claims: Mapping[str, Any]) -> str | None:
+    """The ``name`` claim, stripped of control characters and bounded; None if unusable.
+
+    It ends up inside prompts, so it is plain text of one line: a name with a
+    newline could otherwise smuggle a fake turn into the character's text.
+    """
+    value = claims.get("name")
+    if not isinstance(value, str):
+        return None
+    cleaned = "".join(ch for ch in value if ch.isprintable()).strip()[:MAX_DISPLAY_NAME_CHARS]
+    return cleaned or None

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 # listens on loopback, so that `make run` works out of the box.
 from protocol.development import DEV_JWT_SECRET
 from protocol.errors import RapportError
+from protocol.webhook_signature import DEVELOPMENT_SECRET as DEV_WEBHOOK_SECRET
 
 from .identity import ASYMMETRIC_ALGORITHMS
 
@@ -62,6 +63,10 @@ class Settings:
     audit_retention_days: float = 90.0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_history_turns: int = 16
+    # conversation memory: trimmed turns folded into a running summary (server.summaries)
+    memory_summaries: bool = True
+    summary_instructions: str = ""
+    summary_max_tokens: int = 200
     allowed_origins: list[str] = field(default_factory=list)
     # limits
     max_frame_bytes: int = 64 * 1024
@@ -108,8 +113,19 @@ class Settings:
     max_model_len: int = 0
     dtype: str = "auto"
     vllm_arg: list[str] = field(default_factory=list)
+    # LoRA adapters (characters name them): peft folders in lora_dir, by name
+    lora_dir: str = ""
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    # where vLLM's own log goes unless --log-level debug
+    vllm_log: str = ""
     # remote engine
     upstream: list[str] = field(default_factory=list)
+    # push on detached completion (server.webhooks, docs/protocol.md addition 23)
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_timeout_s: float = 5.0
     log_level: str = "info"
 
     def worker_count(self) -> int:
@@ -160,8 +176,14 @@ class Settings:
         self.worker_count()  # refuses a bad --workers
         if self.max_history_turns < 0:
             raise ConfigError("--max-history-turns must be >= 0")
+        if self.summary_max_tokens < 1:
+            raise ConfigError("--summary-max-tokens must be at least 1")
         if self.heartbeat_interval_ms <= 0 or self.heartbeat_timeout_ms <= 0:
             raise ConfigError("heartbeat intervals must be positive")
+        if self.max_loras < 1:
+            raise ConfigError("--max-loras must be at least 1")
+        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ConfigError("--max-lora-rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's choices)")
         if self.engine == "remote" and not self.upstream:
             raise ConfigError("--engine remote needs at least one --upstream URL")
         if self.request_header_timeout_ms <= 0 or self.request_body_timeout_ms <= 0:
@@ -186,6 +208,44 @@ class Settings:
                 raise ConfigError(exc.message) from None
         if not self.audit_retention_days > 0:
             raise ConfigError("--audit-retention-days must be positive")
+        self._validate_webhooks()
+
+    def _validate_webhooks(self) -> None:
+        """--webhook-url, --webhook-secret, --webhook-timeout-s (docs/protocol.md addition 23).
+
+        Without a secret nothing is signed, so nothing is sent: off loopback that
+        turns webhooks off (and --webhook-url is refused); on loopback a public
+        development secret stands in (:meth:`webhook_signing_secret`), as for JWTs.
+        """
+        loopback = is_loopback(self.host)
+        if self.webhook_secret and not loopback:
+            if self.webhook_secret == DEV_WEBHOOK_SECRET:
+                raise ConfigError("the built-in development webhook secret is public; set your own "
+                                  "--webhook-secret off loopback")
+            if len(self.webhook_secret.encode("utf-8")) < 32:
+                # As for HS256 (RFC 2104 section 3): a key shorter than the hash weakens the MAC.
+                raise ConfigError("--webhook-secret must be at least 32 bytes off loopback")
+        if self.webhook_url:
+            if not self.webhook_signing_secret():
+                raise ConfigError("--webhook-url needs --webhook-secret (or RAPPORT_WEBHOOK_SECRET) off loopback")
+            try:
+                url = urlsplit(self.webhook_url)
+                host = url.hostname or ""
+            except ValueError:
+                raise ConfigError(f"--webhook-url is not a valid URL: {self.webhook_url!r}") from None
+            if not host or (url.scheme != "https" and not (url.scheme == "http" and is_loopback(host))):
+                raise ConfigError("--webhook-url must be an https:// URL (http:// only on loopback), "
+                                  f"not {self.webhook_url!r}")
+            if url.username is not None or url.password is not None:
+                raise ConfigError("--webhook-url must not carry credentials; receivers check the signature")
+        if not 0 < self.webhook_timeout_s <= 60:
+            raise ConfigError("--webhook-timeout-s must be between 0 and 60 seconds")
+
+    def webhook_signing_secret(self) -> str:
+        """``--webhook-secret``, else on loopback the public development one, else "" (webhooks off)."""
+        if self.webhook_secret:
+            return self.webhook_secret
+        return DEV_WEBHOOK_SECRET if is_loopback(self.host) else ""
 
     def accepted_jwt_algorithms(self) -> list[str]:
         """``--jwt-algorithms``, or its default: RS256 with ``--jwks-url``, else ``--jwt-algorithm``."""
@@ -268,6 +328,11 @@ _HELP: dict[str, str] = {
                "and more than one, they share one vLLM OpenAI server started as a child",
     "system_prompt": "system prompt placed before every conversation",
     "max_history_turns": "past turns the model sees at most",
+    "memory_summaries": "fold the turns the prompt window trims into a running summary of the conversation, "
+                        "shown after the system prompt (a background request at low priority)",
+    "summary_instructions": "instructions for summarising (default: a built-in prompt asking for names, "
+                            "relationships, facts, feelings and promises; {max_words} is the length bound)",
+    "summary_max_tokens": "the longest conversation summary, in tokens",
     "allowed_origins": "browser Origin allowed to open the WebSocket (repeatable; same-origin always allowed)",
     "max_frame_bytes": "largest client frame; larger ones close the socket with 1009",
     "max_input_chars": "longest turn.start text",
@@ -314,7 +379,20 @@ _HELP: dict[str, str] = {
     "max_model_len": "context window for vLLM (0: the model's own)",
     "dtype": "vLLM dtype (auto, float32, bfloat16, ...)",
     "vllm_arg": "any further vLLM engine argument as KEY=VALUE (repeatable)",
+    "lora_dir": "folder of LoRA adapters for --engine vllm, one peft folder per adapter name "
+                "(default: $RAPPORT_CACHE_DIR/loras); LoRA is enabled when it holds any",
+    "enable_lora": "enable vLLM's LoRA support even when --lora-dir holds no adapter yet "
+                   "(adapters added later are then served without a restart; costs memory)",
+    "max_loras": "LoRA adapters vLLM runs in one batch at most",
+    "max_lora_rank": "the largest LoRA rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320 or 512)",
+    "vllm_log": "file for vLLM's own log (its configuration dump, start-up and exit messages) with "
+                "--engine vllm, unless --log-level debug (default: $RAPPORT_CACHE_DIR/logs/vllm.log)",
     "upstream": "an OpenAI-compatible vLLM server base URL for --engine remote (repeatable)",
+    "webhook_url": "POST a signed turn.completed event here when a reply ends with no socket following it "
+                   "(https; a user's own PUT /v1/users/me/webhook takes precedence)",
+    "webhook_secret": "HMAC-SHA256 secret signing webhook events (Rapport-Signature: t=...,v1=...); at least "
+                      "32 bytes, required for webhooks off loopback (a public development secret on loopback)",
+    "webhook_timeout_s": "how long one webhook attempt may take before it counts as failed and is retried",
     "log_level": "uvicorn log level",
 }
 
@@ -336,6 +414,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(getattr(Settings(), f.name), bool):
             parser.add_argument(flag, dest=f.name, action="store_const", const="true", default=None,
                                 help=help_text)
+            if getattr(Settings(), f.name):  # on by default: --no-<flag> turns it off
+                parser.add_argument("--no-" + flag.removeprefix("--"), dest=f.name, action="store_const",
+                                    const="false", default=None, help=f"turn {flag} off")
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 

@@ -32,11 +32,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from protocol import close_codes, frames
 from protocol.codec import Codec, choose_subprotocol, codec_for
-from protocol.errors import BadRequest, RapportError, Unauthorized, Unavailable
+from protocol.errors import BadRequest, NotFound, RapportError, Unauthorized, Unavailable
+from sessions.exchanges import wire_messages
 
 from .auth import bearer_token
 from .config import is_loopback
 from .outbox import Outbox, OutboxOverflow
+from .turns import DEFAULT_USER_NAME
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -141,6 +143,8 @@ class Connection:
         self.runtime = runtime
         self.codec = codec
         self.user_id = ""
+        #: What a character calls this user (the token's ``name`` claim).
+        self.display_name = DEFAULT_USER_NAME
         #: The roles the token granted (server.auth.ROLES); empty before hello.
         self.roles: frozenset[str] = frozenset()
         self.session_id = "s_" + uuid.uuid4().hex[:16]
@@ -346,6 +350,7 @@ class Connection:
                         return False
                     self.user_id = identity.user_id
                     self.roles = identity.roles
+                    self.display_name = identity.name or DEFAULT_USER_NAME
                     break
         except TimeoutError:
             self.push(frames.error("unauthorized", "no valid hello within the time allowed"))
@@ -406,18 +411,26 @@ class Connection:
     async def _dispatch(self, frame: frames.ClientFrame) -> None:
         rt = self.runtime
         match frame:
-            case frames.TurnStart():
+            case frames.TurnStart() | frames.TurnRegenerate() | frames.TurnEdit():
                 received = time.monotonic() * 1000.0
                 try:
                     # A blocked message is refused before admission and before
                     # anything is stored (error content_filter).
-                    rt.moderation.check_input(frame.text, user_id=self.user_id)
+                    if not isinstance(frame, frames.TurnRegenerate):
+                        rt.moderation.check_input(frame.text, user_id=self.user_id)
                     await rt.admit_turn(self.user_id, client_turn_id=frame.client_turn_id)
-                    turn_id = await rt.manager.start(self, frame, received)
+                    turn_id = await rt.manager.start(self, frame, received, user_name=self.display_name)
                 except RapportError as exc:
                     exc.fields.setdefault("client_turn_id", frame.client_turn_id)
                     raise
                 self._touch(turn_id)
+            case frames.TurnSelect(conversation_id=conv, turn_id=turn_id):
+                exchange_id = await rt.manager.select(self.user_id, conv, turn_id)
+                self.push(frames.turn_selected(conversation_id=conv, exchange_id=exchange_id, turn_id=turn_id))
+                await rt.feedback.selected(self.user_id, turn_id)
+            case frames.Feedback(turn_id=turn_id, rating=rating, reason=reason):
+                answer = await rt.feedback.rate(self.user_id, turn_id, rating, reason)
+                self.push(frames.feedback_recorded(turn_id=answer["turn_id"], rating=answer["rating"]))
             case frames.TurnCancel(turn_id=turn_id):
                 # Remembered only once the turn turned out to exist: an id that is
                 # not_found leaves nothing behind.
@@ -430,14 +443,24 @@ class Connection:
                 if task is not None:
                     self.adopt(turn_id, task)
             case frames.HistoryGet(conversation_id=conv, limit=limit, before=before):
-                messages = await rt.store.history(user_id=self.user_id, conversation_id=conv,
-                                                  limit=limit, before=before)
-                self.push(frames.history(conv, [
-                    {"id": m.id, "role": m.role, "text": m.text, "turn_id": m.turn_id,
-                     "status": m.status, "created_at": m.created_at} for m in messages]))
+                messages, meta = await rt.store.history_and_meta(user_id=self.user_id, conversation_id=conv,
+                                                                 limit=limit, before=before)
+                self.push(frames.history(conv, wire_messages(messages, meta),
+                                         character_id=meta.get("character_id")))
             case frames.HistoryClear(conversation_id=conv):
                 await rt.store.clear_history(user_id=self.user_id, conversation_id=conv)
                 self.push(frames.history_cleared(conv))
+            case frames.MemoryAdd(text=text):
+                # A fact reaches the model like a message does: the same input check.
+                rt.moderation.check_input(text, user_id=self.user_id)
+                await rt.facts.add(self.user_id, text)
+                self.push(frames.memory([f.wire() for f in await rt.facts.list(self.user_id)]))
+            case frames.MemoryList():
+                self.push(frames.memory([f.wire() for f in await rt.facts.list(self.user_id)]))
+            case frames.MemoryDelete(id=fact_id):
+                if not await rt.facts.delete(self.user_id, fact_id):
+                    raise NotFound(f"no pinned fact '{fact_id}'")
+                self.push(frames.memory([f.wire() for f in await rt.facts.list(self.user_id)]))
             case frames.Ping(t=t):
                 self.push(frames.pong(t))
             case frames.Pong():

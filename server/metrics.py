@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
                     3.0, 5.0, 10.0, 30.0)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+#: The outcomes of ``rapport_webhook_deliveries_total``.
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed", "dropped", "duplicate")
 
 
 class Metrics:
@@ -62,6 +64,24 @@ class Metrics:
         self.prefix_cache_hit_share = Gauge("rapport_prefix_cache_hit_share",
                                             "Cached prompt tokens over prompt tokens, since start",
                                             registry=r)
+        # Push on detached completion (server.webhooks, docs/protocol.md addition 23).
+        self.webhook_deliveries = Counter(
+            "rapport_webhook_deliveries_total",
+            "Webhook events and attempts by outcome: delivered, retried (an attempt to be tried again), "
+            "failed (refused or given up), dropped (queue full), duplicate (claimed by another delivery)",
+            ["outcome"], registry=r)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)  # every outcome visible from the start, at 0
+        self.webhook_pending = Gauge("rapport_webhook_pending", "Webhook events queued or being delivered",
+                                     registry=r)
+        # Conversation memory (server.summaries): background folds of trimmed turns.
+        self.summary_folds = Counter(
+            "rapport_summary_folds_total",
+            "Conversation summary folds by outcome: started, succeeded, failed (engine or Redis), "
+            "lost (another fold of the conversation stored first)", ["outcome"], registry=r)
+        self.summary_engine = Histogram("rapport_summary_engine_seconds",
+                                        "Engine time of one summary fold (a background request)",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
 
     # Small named hooks keep call sites readable and the metric names in one place.
     def bad_frame(self, code: str) -> None:
@@ -84,6 +104,12 @@ class Metrics:
 
     def unauthenticated_closed(self, reason: str) -> None:
         self.unauthenticated_closes.labels(reason).inc()
+
+    def webhook(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+
+    def summary_fold(self, outcome: str) -> None:
+        self.summary_folds.labels(outcome).inc()
 
     def refused(self, reason: str) -> None:
         self.admissions_refused.labels(reason).inc()

@@ -30,7 +30,9 @@ connection and cancels the generation, which closes the engine's iterator.
 
 ``model`` may name anything (clients and benchmark tools send whatever they
 were configured with); the answer always names the model actually served, as
-``GET /v1/models`` lists it. ``n`` must be 1. ``user`` is accepted and ignored:
+``GET /v1/models`` lists it. A ``model`` that names one of the engine's LoRA
+adapters (listed there too, as vLLM's own server lists them) generates with
+that adapter, and the answer names the adapter. ``n`` must be 1. ``user`` is accepted and ignored:
 the user is the token's ``sub``.
 
 vLLM extensions accepted for benchmark tools: ``ignore_eos`` and
@@ -146,6 +148,8 @@ class CompletionRequest:
     sampling: SamplingOptions
     stream: bool
     include_usage: bool
+    # The LoRA adapter ``model`` named (None: the base model).
+    lora: str | None = None
 
 
 def _opt_number(body: dict[str, Any], name: str, lo: float, hi: float, *,
@@ -282,8 +286,9 @@ def parse_request(body: Any, runtime: Runtime) -> CompletionRequest:
     base = runtime.manager.sampling_for(frames.TurnOptions(
         temperature=temperature, top_p=top_p, max_tokens=asked, enable_thinking=thinking))
     sampling = dataclasses.replace(base, seed=seed, stop=stop, ignore_eos=ignore_eos)
+    lora = model if model is not None and model in runtime.engine.lora_adapters() else None
     return CompletionRequest(messages=messages, sampling=sampling, stream=stream,
-                             include_usage=include_usage)
+                             include_usage=include_usage, lora=lora)
 
 
 def check_context(req: CompletionRequest, runtime: Runtime) -> int:
@@ -429,7 +434,7 @@ class CompletionResponse:
         self.prompt_tokens = prompt_tokens
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
-        self.model = runtime.engine.model_name
+        self.model = req.lora or runtime.engine.model_name
         self.client_gone = False
         self.turn = Turn(turn_id=self.id, received_ms=received_ms)
         # The engine refused the prompt before running it: not a turn, not counted.
@@ -494,7 +499,7 @@ class CompletionResponse:
     async def _produce(self, send: Send) -> None:
         rt = self.runtime
         request = EngineRequest(request_id=self.id, messages=self.req.messages,
-                                sampling=self.req.sampling, user_id=self.user_id)
+                                sampling=self.req.sampling, user_id=self.user_id, lora=self.req.lora)
         self.turn.submitted(_ms())
         # Typed as an iterator, but every engine returns an async generator,
         # whose aclose() aborts the request (see server.engines.base).
@@ -719,7 +724,10 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [{
         "id": engine.model_name, "object": "model", "created": _STARTED, "owned_by": "rapport",
         "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
-    }]})
+    }] + [{
+        "id": name, "object": "model", "created": _STARTED, "owned_by": "rapport",
+        "root": name, "parent": engine.model_name, "max_model_len": engine.max_model_len,
+    } for name in engine.lora_adapters()]})
 
 
 _STARTED = int(time.time())

@@ -18,17 +18,23 @@ import redis.asyncio as aioredis
 
 from protocol import close_codes
 from protocol.errors import Unavailable
+from sessions.character_store import CharacterStore
 from sessions.keys import KeySpace
+from sessions.memory import FactStore
 from sessions.store import ConversationStore
+from sessions.training import TrainingLog
 
 from .audit import Audit
 from .auth import Authenticator
+from .character_catalog import CharacterCatalog
 from .config import Settings
 from .coordination import Coordinator
 from .engines.base import Engine
+from .feedback import FeedbackService
 from .metrics import Metrics
 from .moderation import Moderation
 from .moderation import load as load_moderation
+from .summaries import Summarizer
 from .turns import TurnManager, TurnPolicy
 
 log = logging.getLogger("rapport")
@@ -67,11 +73,20 @@ def build_engine(settings: Settings) -> Engine:
         model = settings.model or str(prepare_default_model())
         extra = parse_engine_args(settings.vllm_arg)
         default_cpu = not settings.model
+        from .lora_prep import default_lora_dir
+        from .model_prep import default_cache_dir
+
+        quiet = settings.log_level.lower() != "debug"
         return VllmEngine(
             model=model,
             max_model_len=settings.max_model_len or (2048 if default_cpu else None),
             dtype=settings.dtype if settings.dtype != "auto" or not default_cpu else "float32",
             engine_args=extra,
+            lora_dir=settings.lora_dir or default_lora_dir(),
+            enable_lora=settings.enable_lora,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            log_file=(settings.vllm_log or default_cache_dir() / "logs" / "vllm.log") if quiet else None,
         )
     from .engines.remote import RemoteEngine
 
@@ -116,6 +131,12 @@ class Runtime:
             self.redis, self.keys, idempotency_ttl_s=settings.idempotency_ttl_s,
             delta_log_ttl_s=settings.delta_log_ttl_s, blocking_redis=self.blocking_redis,
         )
+        # Characters (addition 18): the store for REST writes and listings, the
+        # catalog (cached per process, 2 s) for what every turn reads.
+        self.character_store = CharacterStore(self.redis, self.keys)
+        # The user's pinned facts (addition 22), read by every turn with its history.
+        self.facts = FactStore(self.redis, self.keys)
+        self.characters = CharacterCatalog(self.character_store)
         # The audit log has a Redis client of its own, so that entries recorded
         # while the runtime shuts down (its main pool closing) still get written.
         self.audit_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
@@ -146,6 +167,9 @@ class Runtime:
             live_turns=self.manager.live_turns, on_control=self.manager.on_control,
         )
         self.manager.coordinator = self.coordinator
+        self.manager.characters = self.characters
+        # Ratings and choices kept as training snapshots (docs/protocol.md addition 20).
+        self.feedback = FeedbackService(self.manager.exchange_snapshot, TrainingLog(self.redis, self.keys))
         self.connections: set[Peer] = set()
         self._engine_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -160,6 +184,22 @@ class Runtime:
         self.admission = AdmissionController(self.engine, settings.ttft_budget_ms,
                                              reply_tokens=settings.default_max_tokens)
         self.manager.reply_observer = self.admission.observe_reply
+        # Conversation memory: turns the prompt window trims, folded into a
+        # running summary by background engine requests (server.summaries).
+        self.summarizer = Summarizer(self.redis, self.keys, self.engine,
+                                     instructions=settings.summary_instructions,
+                                     max_tokens=settings.summary_max_tokens, metrics=self.metrics,
+                                     enabled=settings.memory_summaries)
+        self.manager.summarizer = self.summarizer
+        self.manager.facts = self.facts
+        # Push when a reply ends with nobody following it (docs/protocol.md addition 23).
+        from .webhooks import WebhookSender
+
+        self.webhooks = WebhookSender(self.redis, self.keys, default_url=settings.webhook_url or None,
+                                      secret=settings.webhook_signing_secret(), metrics=self.metrics,
+                                      timeout_s=settings.webhook_timeout_s)
+        if self.webhooks.enabled:
+            self.manager.end_observers.append(self.webhooks.observe)
         # Connections this process counts in the registry: connection -> user id.
         self._registered: dict[Peer, str] = {}
 
@@ -178,6 +218,7 @@ class Runtime:
         self._engine_task = asyncio.get_running_loop().create_task(self._start_engine(), name="engine start")
         self.conn_registry.start(self._registered_pairs)
         self.coordinator.start()
+        self.webhooks.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_heartbeats(), name="heartbeats")
 
     async def _sweep_heartbeats(self) -> None:
@@ -216,7 +257,12 @@ class Runtime:
     async def close(self) -> None:
         await self.going_away()
         await self.manager.close(drain_s=self.settings.shutdown_drain_s)
+        # Pending folds are background work: cancelled (their engine requests
+        # aborted) before the engine and Redis go; the next trim folds again.
+        await self.summarizer.close()
         await self.coordinator.close()
+        # After the drain (turns ending in it may still queue an event), before Redis closes.
+        await self.webhooks.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

@@ -46,6 +46,7 @@ from protocol import close_codes
 
 from .app import create_app
 from .config import Settings
+from .dev_link import announce_development_link
 from .gateway import SOCKET_EXTENSION, close_reason
 from .metrics import Metrics
 from .runtime import Runtime
@@ -607,8 +608,21 @@ def serve(settings: Settings, *, sock: socket.socket | None = None, worker: str 
     )
     log.info("unauthenticated connections: at most %d per process; request headers within %.1f s, "
              "bodies within %.1f s", guard.pending.cap, guard.header_timeout_s, guard.body_timeout_s)
-    GatewayServer(config, runtime, app.state, on_started).run(
-        sockets=[sock if sock is not None else listening_socket(settings)])
+    listener = sock if sock is not None else listening_socket(settings)
+    if worker is None:
+        # A single process announces its own sign-in link; workers leave it to their supervisor.
+        on_started = _with_development_link(settings, int(listener.getsockname()[1]), on_started)
+    GatewayServer(config, runtime, app.state, on_started).run(sockets=[listener])
+
+
+def _with_development_link(settings: Settings, port: int,
+                           then: Callable[[], None] | None) -> Callable[[], None]:
+    """``then``, after printing the development sign-in link (protocol addition 21) where one is offered."""
+    def started() -> None:
+        announce_development_link(settings, port)
+        if then is not None:
+            then()
+    return started
 
 
 def listening_socket(settings: Settings) -> socket.socket:

@@ -29,18 +29,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, cast
 
 from protocol import frames
-from protocol.errors import EngineError, NotFound, RapportError, TurnInProgress, Unavailable
+from protocol.errors import BadRequest, EngineError, NotFound, RapportError, TurnInProgress, Unavailable
+from sessions.characters import Character, Persona, apply_macros, greeting_of, persona_of
+from sessions.exchanges import find_exchange, model_view, newest_exchange
+from sessions.lorebook import lore_block
+from sessions.memory import FactStore, facts_block, parse_facts
 from sessions.messages import ChatMessage
 from sessions.moderation import OutputFilter
-from sessions.prompt import build_window, pair_history
-from sessions.store import RETRY_AFTER_MS, ConversationStore, TurnRecord
+from sessions.prompt import Context, PastTurn, Window, pair_history, plan_window
+from sessions.store import MAX_ALTERNATIVES, RETRY_AFTER_MS, ConversationStore, HistoryMessage, TurnRecord
+from sessions.summary import summary_block
+from sessions.training import Alternative, ExchangeSnapshot
 from sessions.turn import ENGINE_FINISH_REASONS, Attachment, AttachmentState, Ending, Turn, TurnEvent, Usage
 
 from .coordination import Coordinator, end_orphaned_turn, wall_ms
@@ -49,6 +56,7 @@ from .engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, Engine
 from .following import DistantTurns, Follower, end_frame_of
 from .metrics import Metrics
 from .moderation import Moderation
+from .summaries import Summarizer
 
 log = logging.getLogger("rapport.turns")
 
@@ -74,6 +82,77 @@ def now_ms() -> float:
     return time.monotonic() * 1000.0
 
 
+def _counted_turns(meta: dict[str, str]) -> int:
+    """The conversation's turns as the store counts them (0 for conversations from before the count)."""
+    raw = meta.get("turns", "")
+    return int(raw) if raw.isdigit() else 0
+
+
+#: Where :meth:`TurnManager._past_and_lease` puts the pinned facts' prompt block
+#: among the conversation's meta fields (no Redis field has this name).
+FACTS_FIELD = "\x00facts"
+
+#: ``{{user}}`` in a character's text when the caller's token names nobody.
+DEFAULT_USER_NAME = "User"
+
+
+class CharacterSource(Protocol):
+    """Where the manager looks characters up (``server.characters.CharacterCatalog``)."""
+
+    async def get(self, character_id: str) -> Character | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """What ``turn.start``, ``turn.regenerate`` and ``turn.edit`` ask for, in one shape."""
+
+    kind: Literal["new", "regenerate", "edit"]
+    client_turn_id: str
+    conversation_id: str
+    options: frames.TurnOptions
+    text: str | None = None  # None: regenerate (the exchange's own user text)
+    exchange_id: str | None = None  # regenerate / edit: the newest exchange (None: whichever it is)
+    character_id: str | None = None
+
+    @classmethod
+    def of(cls, frame: frames.TurnStart | frames.TurnRegenerate | frames.TurnEdit) -> TurnRequest:
+        match frame:
+            case frames.TurnStart():
+                return cls("new", frame.client_turn_id, frame.conversation_id, frame.options,
+                           text=frame.text, character_id=frame.character_id)
+            case frames.TurnRegenerate():
+                return cls("regenerate", frame.client_turn_id, frame.conversation_id, frame.options,
+                           exchange_id=frame.exchange_id)
+            case frames.TurnEdit():
+                return cls("edit", frame.client_turn_id, frame.conversation_id, frame.options,
+                           text=frame.text, exchange_id=frame.exchange_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnded:
+    """What the manager tells its end observers once a turn's end is stored."""
+
+    user_id: str
+    conversation_id: str
+    turn_id: str
+    finish_reason: str
+    text: str
+    #: Whether a socket (here or in another process) followed the turn when it ended.
+    followed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    """What a turn will generate from, decided before it is accepted."""
+
+    messages: list[ChatMessage]
+    sampling: SamplingOptions
+    exchange_id: str  # "" for a new exchange (the turn's own id)
+    bind_character: str  # the character to bind or check in Redis, "" none
+    greeting: str  # stored when this turn binds the conversation
+    lora: str | None
+
+
 @dataclass(eq=False, slots=True)
 class LiveTurn:
     """A turn generating in this process."""
@@ -97,6 +176,8 @@ class LiveTurn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # The reply's moderation filter: engine text goes through it before the turn sees it.
     output_filter: OutputFilter | None = None
+    # The LoRA adapter of the conversation's character, if it names one.
+    lora: str | None = None
 
     @property
     def turn_id(self) -> str:
@@ -126,6 +207,14 @@ class TurnManager:
         self.coordinator: Coordinator | None = None
         # Told the completion tokens of every naturally finished turn (admission learns from it).
         self.reply_observer: Callable[[int], None] | None = None
+        # Set by the runtime: the characters conversations are bound to, the
+        # users' pinned facts, and the summarizer of trimmed turns.
+        self.characters: CharacterSource | None = None
+        self.facts: FactStore | None = None
+        self.summarizer: Summarizer | None = None
+        # Told about every turn whose end was stored (webhooks for detached
+        # completions); called without awaiting, so it must not block.
+        self.end_observers: list[Callable[[TurnEnded], None]] = []
 
     def live_turns(self) -> list[tuple[str, str]]:
         """(user, turn) of every turn generating here, for lease renewal."""
@@ -133,18 +222,41 @@ class TurnManager:
 
     # ------------------------------------------------------------ starting
 
-    def sampling_for(self, options: frames.TurnOptions) -> SamplingOptions:
+    def sampling_for(self, options: frames.TurnOptions, character: Character | None = None) -> SamplingOptions:
+        """The turn's options, else the character's defaults, else the server's."""
         p = self.policy
-        max_tokens = options.max_tokens or p.default_max_tokens
+        defaults = character.sampling if character is not None else None
+        temperature = options.temperature
+        top_p = options.top_p
+        max_tokens = options.max_tokens
+        if defaults is not None:
+            temperature = defaults.temperature if temperature is None else temperature
+            top_p = defaults.top_p if top_p is None else top_p
+            max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
         return SamplingOptions(
-            temperature=p.default_temperature if options.temperature is None else options.temperature,
-            top_p=1.0 if options.top_p is None else options.top_p,
-            max_tokens=max(1, min(max_tokens, p.max_tokens_limit)),
+            temperature=p.default_temperature if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            max_tokens=max(1, min(max_tokens or p.default_max_tokens, p.max_tokens_limit)),
             enable_thinking=bool(options.enable_thinking),
         )
 
-    async def start(self, follower: Follower, start: frames.TurnStart, received_ms: float) -> str:
-        """Handle ``turn.start``: accept (or replay) and stream to ``follower``; the turn id.
+    async def character(self, character_id: str) -> Character:
+        """The character ``character_id``; NotFound when there is none (or no catalog)."""
+        found = await self.characters.get(character_id) if self.characters is not None else None
+        if found is None:
+            raise NotFound(f"character '{character_id}' not found")
+        return found
+
+    def persona(self, character: Character | None, user_name: str) -> Persona | None:
+        if character is None:
+            return None
+        return persona_of(character, default_system_prompt=self.policy.system_prompt, user_name=user_name)
+
+    async def start(self, follower: Follower,
+                    start: frames.TurnStart | frames.TurnRegenerate | frames.TurnEdit | TurnRequest,
+                    received_ms: float, *, user_name: str = DEFAULT_USER_NAME) -> str:
+        """Handle ``turn.start`` (or ``turn.regenerate``, ``turn.edit``): accept (or
+        replay) and stream to ``follower``; the turn id.
 
         Raises TurnInProgress, TooLarge, Unavailable before anything is sent.
         The reply passes the moderation policy's output filter (the caller has
@@ -157,21 +269,21 @@ class TurnManager:
         """
         if self._closing:
             raise Unavailable("the server is shutting down; reconnect", retry_after_ms=RETRY_AFTER_MS)
+        request = start if isinstance(start, TurnRequest) else TurnRequest.of(start)
         user_id = follower.user_id
-        sampling = self.sampling_for(start.options)
         turn_id = "t_" + uuid.uuid4().hex
         # The lease exists before the turn does (it travels in the first round
         # trip, the turn is only accepted in the second), so a crash at any
         # point after the accept leaves a lease that some process will reap. A
         # lease whose turn never comes to exist is harmless: released below,
         # or reaped by a process that then finds no record.
-        past_reads = self._past_and_lease(user_id, start.conversation_id, turn_id)
+        past_reads = self._past_and_lease(user_id, request, turn_id)
         try:
-            past = await past_reads
+            past, meta = await past_reads
             # The window is computed before the turn is accepted so that a
             # message the model cannot take is refused (too_large) without
             # touching history.
-            messages = self._window(past, start.text, sampling)
+            plan = await self._plan(user_id, request, past, meta, user_name)
         except Exception:
             # Refused (or Redis failed) before the turn exists. A cancelled
             # start leaves its lease to the reaper, which finds no record.
@@ -180,12 +292,16 @@ class TurnManager:
         try:
             outcome = await self.store.begin_turn(
                 user_id=user_id,
-                conversation_id=start.conversation_id,
-                client_turn_id=start.client_turn_id,
-                text=start.text,
+                conversation_id=request.conversation_id,
+                client_turn_id=request.client_turn_id,
+                text=request.text or "",
                 turn_id=turn_id,
                 owner=self.owner,
                 now_ms=wall_ms(),
+                mode=request.kind,
+                exchange_id=plan.exchange_id,
+                character_id=plan.bind_character,
+                greeting=plan.greeting,
             )
         except Unavailable:
             # The script may have run with only its answer lost (a connection
@@ -198,17 +314,19 @@ class TurnManager:
             await self._release_lease(user_id, turn_id)
         if outcome.kind == "in_progress":
             raise TurnInProgress(
-                f"conversation '{start.conversation_id}' already has a running turn",
-                client_turn_id=start.client_turn_id,
+                f"conversation '{request.conversation_id}' already has a running turn",
+                client_turn_id=request.client_turn_id,
                 turn_id=outcome.running_turn_id,
             )
         record = outcome.turn
         assert record is not None
         accepted = frames.turn_accepted(
             turn_id=record.turn_id,
-            client_turn_id=start.client_turn_id,
+            client_turn_id=request.client_turn_id,
             conversation_id=record.conversation_id,
             replayed=outcome.kind == "replayed",
+            exchange_id=record.exchange_id or record.turn_id,
+            alternative=outcome.alternative,
         )
         if outcome.kind == "replayed":
             follower.push(accepted)
@@ -218,13 +336,14 @@ class TurnManager:
             return record.turn_id
         live = LiveTurn(
             user_id=user_id,
-            conversation_id=start.conversation_id,
-            client_turn_id=start.client_turn_id,
+            conversation_id=request.conversation_id,
+            client_turn_id=request.client_turn_id,
             machine=Turn(turn_id=record.turn_id, received_ms=received_ms),
             attachment=Attachment(grace_ms=self.policy.detached_grace_ms),
-            messages=messages,
-            sampling=sampling,
+            messages=plan.messages,
+            sampling=plan.sampling,
             output_filter=self.moderation.output_filter(),
+            lora=plan.lora,
         )
         live.followers.add(follower)
         self.live[record.turn_id] = live
@@ -235,37 +354,168 @@ class TurnManager:
         live.task = loop.create_task(self._generate(live), name=f"turn {record.turn_id}")
         return record.turn_id
 
-    async def _past_and_lease(self, user_id: str, conversation_id: str,
-                              turn_id: str) -> list[tuple[str, str, str]]:
-        """The newest history of the conversation, and the new turn's lease, in one round trip."""
+    async def _past_and_lease(self, user_id: str, request: TurnRequest,
+                              turn_id: str) -> tuple[list[HistoryMessage], dict[str, str]]:
+        """The newest history of the conversation, its meta (binding, selections,
+        summary), the user's pinned facts (into ``meta``, see :data:`FACTS_FIELD`),
+        and the new turn's lease, in one round trip."""
         p = self.policy
         leases = self.coordinator.leases if self.coordinator is not None else None
-        if p.max_history_turns <= 0:
-            if leases is not None:
-                await leases.take(user_id, turn_id)
-            return []
+        facts = self.facts
 
-        def take_lease(pipe: Any) -> None:
+        def also(pipe: Any) -> None:
+            if facts is not None:
+                facts.queue_read(pipe, user_id)
             if leases is not None:
                 leases.queue_take(pipe, user_id, turn_id)
 
-        # Two messages a turn, plus slack for a trailing unanswered message.
-        entries = await self.store.history_with(user_id=user_id, conversation_id=conversation_id,
-                                                limit=min(100, 2 * p.max_history_turns + 2),
-                                                also=take_lease)
-        return [(m.role, m.text, m.turn_id) for m in entries]
+        # Two messages a turn, plus slack for a trailing unanswered message and
+        # a few alternatives; regenerate and edit need the whole newest exchange.
+        slack = 8 if request.kind == "new" else MAX_ALTERNATIVES + 1
+        limit = min(self.store.history_max_messages, 2 * max(0, p.max_history_turns) + 2 + slack)
+        past, meta, extra = await self.store.history_with(
+            user_id=user_id, conversation_id=request.conversation_id, limit=limit, also=also)
+        if facts is not None:
+            meta[FACTS_FIELD] = facts_block(parse_facts(extra[0]))
+        return past, meta
 
-    def _window(self, past: list[tuple[str, str, str]], text: str,
-                sampling: SamplingOptions) -> list[ChatMessage]:
+    async def _plan(self, user_id: str, request: TurnRequest, past: list[HistoryMessage],
+                    meta: dict[str, str], user_name: str) -> TurnPlan:
+        """Character, window, sampling and exchange of a turn about to be accepted.
+
+        Every check made here is made again atomically by ``begin_turn``; these
+        refuse early (and cheaply) what would certainly be refused there.
+        """
+        bound = meta.get("character_id") or None
+        if request.character_id and bound and request.character_id != bound:
+            raise BadRequest(f"conversation '{request.conversation_id}' is bound to character '{bound}'")
+        character_id = bound or request.character_id
+        character = await self.character(character_id) if character_id else None
+        binding = character is not None and bound is None
+        greeting = ""
+        if binding:
+            if past:
+                raise BadRequest(f"conversation '{request.conversation_id}' already has history without a "
+                                 "character; start a new conversation to talk to one")
+            assert character is not None
+            greeting = greeting_of(character, 0, user_name=user_name)
+        sampling = self.sampling_for(request.options, character)
+        exchange_id = ""
+        if request.kind == "new":
+            view = model_view(past, meta)
+            text = request.text or ""
+        else:
+            newest = newest_exchange(past)
+            wanted = request.exchange_id or newest
+            if wanted is None or wanted != newest:
+                raise BadRequest("only the newest exchange can be regenerated or edited"
+                                 + (f" (it is '{newest}')" if newest else "; the conversation has none"))
+            found = find_exchange(past, meta, wanted)
+            assert found is not None
+            exchange_id = wanted
+            view = found.before
+            text = found.user_text if request.kind == "regenerate" else (request.text or "")
+        if request.kind == "regenerate" and sampling.temperature > 0 and sampling.seed is None:
+            # Another reply to the same prompt must be able to differ: a fresh
+            # seed (what an unseeded sampler does anyway) also makes seeded
+            # engines, such as the simulation, answer differently.
+            sampling = replace(sampling, seed=secrets.randbits(31))
+        history = pair_history(view)
+        if greeting:
+            history = [PastTurn("", greeting)]
+        # How many turns came before what was read (the store counts them), so
+        # the window trims by position in the whole conversation.
+        whole = _counted_turns(meta) - (0 if request.kind == "new" else 1)
+        window = self._window(history, text, sampling, self._context(character, user_name, meta, history, text),
+                              history_offset=whole - len(history))
+        if window.first_kept > 0 and self.summarizer is not None:
+            # Turns the window leaves out are folded into the conversation's
+            # summary in the background; this turn goes on with the summary as it is.
+            self.summarizer.maybe_fold(user_id, request.conversation_id,
+                                       history[:window.first_kept], meta)
+        return TurnPlan(messages=window.messages, sampling=sampling, exchange_id=exchange_id,
+                        bind_character=character_id or "", greeting=greeting,
+                        lora=character.lora if character is not None else None)
+
+    def _context(self, character: Character | None, user_name: str, meta: dict[str, str],
+                 history: list[PastTurn], text: str) -> Context:
+        """Everything the model sees besides the turns (see :class:`sessions.prompt.Context`)."""
+        persona = self.persona(character, user_name)
+        memory = "\n\n".join(part for part in (meta.get(FACTS_FIELD, ""), summary_block(meta)) if part)
+        lore = ""
+        if character is not None and character.character_book:
+            recent = [part for turn in history for part in (turn.user, turn.assistant) if part] + [text]
+            lore = apply_macros(lore_block(character.character_book, recent, count_tokens=self._count_text),
+                                char=character.name, user=user_name)
+        return Context(
+            system=persona.system if persona is not None else self.policy.system_prompt,
+            memory=memory,
+            lore=lore,
+            post_history=persona.post_history if persona is not None else "",
+        )
+
+    def _count_text(self, text: str) -> int:
+        return self.engine.count_tokens([ChatMessage("user", text)])
+
+    def _window(self, history: list[PastTurn], text: str, sampling: SamplingOptions,
+                context: Context, history_offset: int = 0) -> Window:
         p = self.policy
         max_prompt = self.engine.max_model_len - sampling.max_tokens
-        return build_window(
-            system_prompt=p.system_prompt,
-            history=pair_history(past),
+        return plan_window(
+            system_prompt=context,
+            history=history,
             new_text=text,
             max_history_turns=p.max_history_turns,
             max_prompt_tokens=max(1, max_prompt),
             count_tokens=self.engine.count_tokens,
+            history_offset=history_offset,
+        )
+
+    async def select(self, user_id: str, conversation_id: str, turn_id: str) -> str:
+        """``turn.select``: make the reply ``turn_id`` the one the model sees; its exchange id."""
+        record = await self.store.get_turn(user_id=user_id, turn_id=turn_id)
+        if record is not None and record.status == "running":
+            raise BadRequest("the reply is still being generated; select it once it has ended", turn_id=turn_id)
+        return await self.store.select_alternative(user_id=user_id, conversation_id=conversation_id,
+                                                   turn_id=turn_id)
+
+    async def exchange_snapshot(self, user_id: str, turn_id: str) -> ExchangeSnapshot:
+        """The exchange the reply ``turn_id`` belongs to, as training data keeps it.
+
+        The prompt is rebuilt the way a turn builds it (persona, window, post-history
+        instructions), from the history before the exchange. Raises NotFound when
+        the turn's record has expired (the idempotency period) or its exchange
+        has left history, BadRequest while the reply is still generating.
+        """
+        record = await self.store.get_turn(user_id=user_id, turn_id=turn_id)
+        if record is None:
+            raise NotFound("turn not found", turn_id=turn_id)
+        if record.status == "running":
+            raise BadRequest("the reply is still being generated", turn_id=turn_id)
+        past, meta = await self.store.history_and_meta(user_id=user_id, conversation_id=record.conversation_id,
+                                                       limit=self.store.history_max_messages)
+        exchange_id = record.exchange_id or record.turn_id
+        found = find_exchange(past, meta, exchange_id)
+        if found is None:
+            raise NotFound("the rated reply's message is no longer in history", turn_id=turn_id)
+        character_id = meta.get("character_id") or None
+        character = await self.characters.get(character_id) \
+            if character_id and self.characters is not None else None
+        sampling = self.sampling_for(frames.TurnOptions(), character)
+        if self.facts is not None:
+            meta[FACTS_FIELD] = facts_block(await self.facts.list(user_id))
+        history = pair_history(found.before)
+        messages = self._window(history, found.user_text, sampling,
+                                self._context(character, DEFAULT_USER_NAME, meta, history, found.user_text)).messages
+        return ExchangeSnapshot(
+            user_id=user_id,
+            conversation_id=record.conversation_id,
+            exchange_id=exchange_id,
+            character_id=character_id,
+            prompt=tuple(messages),
+            alternatives=tuple(Alternative(turn_id=t, text=text, finish_reason=status)
+                               for t, text, status in found.replies),
+            selected=found.selected,
         )
 
     # ------------------------------------------------------------ generating
@@ -296,7 +546,7 @@ class TurnManager:
         turn = live.machine
         finish: EngineFinish | None = None
         request = EngineRequest(request_id=turn.turn_id, messages=tuple(live.messages),
-                                sampling=live.sampling, user_id=live.user_id)
+                                sampling=live.sampling, user_id=live.user_id, lora=live.lora)
         turn.submitted(now_ms())
         # Typed as an iterator, but every engine returns an async generator,
         # whose aclose() aborts the request (see server.engines.base).
@@ -401,6 +651,7 @@ class TurnManager:
             if end is not None:
                 for follower in tuple(live.followers):
                     follower.push(end)
+                self._tell_end_observers(live, ending)
             live.followers.clear()
             live.done.set()
             self.live.pop(live.turn_id, None)
@@ -408,6 +659,17 @@ class TurnManager:
                 # Given up at shutdown, the lease stays: its expiry is what
                 # makes another process end the turn.
                 await self._release_lease(live.user_id, live.turn_id)
+
+    def _tell_end_observers(self, live: LiveTurn, ending: Ending) -> None:
+        notice = TurnEnded(user_id=live.user_id, conversation_id=live.conversation_id, turn_id=live.turn_id,
+                           finish_reason=ending.finish_reason, text=ending.text,
+                           followed=live.attachment.state is AttachmentState.ATTACHED)
+        for observer in self.end_observers:
+            try:
+                observer(notice)
+            except Exception:
+                # An observer's bug must not keep the turn from ending for its followers.
+                log.exception("turn %s: an end observer failed", live.turn_id)
 
     async def _release_lease(self, user_id: str, turn_id: str) -> None:
         if self.coordinator is None:

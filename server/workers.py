@@ -146,6 +146,10 @@ class Supervisor:
                 self._spawn(slot)
             if not all(self._wait_started(slot) for slot in self._slots):
                 return 1
+            # Once for the whole port, not once per worker (protocol addition 21).
+            from .dev_link import announce_development_link
+
+            announce_development_link(self.settings, int(self._sock.getsockname()[1]))
             return self._watch()
         except _VllmFailed as exc:
             log.error("supervisor: %s", exc)

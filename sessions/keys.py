@@ -12,6 +12,7 @@ conversation id, turn id and client turn id)::
     P{u:U}:conv:C        hash    the conversation's binding (character_id) and
                                  selected alternatives ("sel:<exchange_id>" -> turn_id)
     P{u:U}:train:X       hash    the training snapshot of exchange X (feedback, selection)
+    P{u:U}:facts         hash    the user's pinned facts: fact id -> "<created_at_ms>:<text>"
     Prunning             zset    "user\0turn" -> lease expiry of every running turn
     Pctl:O               pubsub  control messages for server process O
     Paudit               stream  the deployment's audit log (server.audit)
@@ -112,6 +113,10 @@ class KeySpace:
     def training(self, user_id: str, exchange_id: str) -> str:
         """hash: the training snapshot of one exchange (prompt, alternatives, ratings, choice)."""
         return f"{self._base(user_id)}:train:{escape_id(exchange_id)}"
+
+    def facts(self, user_id: str) -> str:
+        """hash: the user's pinned facts, fact id -> ``"<created_at_ms>:<text>"`` (sessions.memory)."""
+        return f"{self._base(user_id)}:facts"
 
     # -- process-level keys (no user tag: each is a single-key structure) --
 

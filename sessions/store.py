@@ -63,6 +63,8 @@ __all__ = [
 #       12 mode ("new" | "regenerate" | "edit"), 13 the exchange regenerate and
 #       edit name, 14 character_id to bind or check ("" none), 15 greeting to
 #       store when the binding is made ("" none), 16 most alternatives per exchange.
+# The meta hash counts the conversation's turns ("turns": user messages, and a
+# greeting) so that the prompt window can trim by absolute position.
 # Returns {"replayed", turn_id, record-as-flat-list} | {"in_progress", turn_id}
 #       | {"accepted", alternative index} | {"retry", current idempotency value, current active value}
 #       | {"bound", bound character} | {"not_empty"} | {"not_newest", newest exchange or ""}
@@ -139,7 +141,7 @@ redis.call('HSET', KEYS[2],
   'client_turn_id', ARGV[6], 'status', 'running', 'finish_reason', '',
   'last_seq', '0', 'text', '', 'usage', '{}', 'timings', '{}',
   'created_at_ms', ARGV[9], 'ended_at_ms', '', 'owner', ARGV[8],
-  'exchange_id', exchange)
+  'exchange_id', exchange, 'alternative', tostring(alternative))
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 if bind then
@@ -148,7 +150,11 @@ if bind then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
       'role', 'assistant', 'text', ARGV[15], 'turn_id', '',
       'status', 'greeting', 'created_at', ARGV[9])
+    redis.call('HINCRBY', KEYS[8], 'turns', 1)
   end
+end
+if mode == 'new' then
+  redis.call('HINCRBY', KEYS[8], 'turns', 1)
 end
 if mode ~= 'regenerate' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*',
@@ -177,6 +183,7 @@ if ARGV[2] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
     'role', 'assistant', 'text', ARGV[2], 'turn_id', '',
     'status', 'greeting', 'created_at', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'turns', 1)
 end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
 return {'created'}
@@ -318,6 +325,8 @@ class TurnRecord:
     # The exchange the reply belongs to: the turn that stored the user message
     # (the turn itself, unless it is a regenerated reply).
     exchange_id: str = ""
+    # Its index among the exchange's replies (0: the first reply).
+    alternative: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +470,7 @@ def _record(data: dict[str, str] | None) -> TurnRecord | None:
         ended_at_ms=int(ended) if ended else None,
         owner=data.get("owner", ""),
         exchange_id=data.get("exchange_id") or data.get("turn_id", ""),
+        alternative=int(data.get("alternative") or 0),
     )
 
 
@@ -662,8 +672,8 @@ class ConversationStore:
                 continue
             if kind == "accepted":
                 new = self._new_record(turn_id, user_id, conversation_id, client_turn_id, owner, now_ms,
-                                       exchange_id if mode == "regenerate" else turn_id)
-                return BeginOutcome("accepted", new, None, alternative=int(res[1]))
+                                       exchange_id if mode == "regenerate" else turn_id, int(res[1]))
+                return BeginOutcome("accepted", new, None, alternative=new.alternative)
             if kind == "bound":
                 raise BadRequest(f"conversation '{conversation_id}' is bound to character '{res[1]}'",
                                  client_turn_id=client_turn_id)
@@ -683,8 +693,10 @@ class ConversationStore:
                 if res[1] == turn_id and record is not None and record.client_turn_id == client_turn_id:
                     # Our own earlier attempt got through (the client retried
                     # after a timeout): this call accepted the turn.
-                    return BeginOutcome("accepted", record, None)
-                return BeginOutcome("replayed", record, None)
+                    return BeginOutcome("accepted", record, None,
+                                        alternative=record.alternative if record is not None else None)
+                return BeginOutcome("replayed", record, None,
+                                    alternative=record.alternative if record is not None else None)
             if kind == "in_progress":
                 return BeginOutcome("in_progress", None, res[1])
             raise RapportError(f"begin_turn: unexpected script answer {kind!r}")
@@ -693,7 +705,7 @@ class ConversationStore:
     @staticmethod
     def _new_record(
         turn_id: str, user_id: str, conversation_id: str, client_turn_id: str, owner: str, now_ms: int,
-        exchange_id: str,
+        exchange_id: str, alternative: int,
     ) -> TurnRecord:
         return TurnRecord(
             turn_id=turn_id,
@@ -710,6 +722,7 @@ class ConversationStore:
             ended_at_ms=None,
             owner=owner,
             exchange_id=exchange_id,
+            alternative=alternative,
         )
 
     @redis_guarded
@@ -915,14 +928,15 @@ class ConversationStore:
     @redis_guarded
     async def history_with(
         self, *, user_id: str, conversation_id: str, limit: int, also: Callable[[Any], None]
-    ) -> tuple[list[HistoryMessage], dict[str, str]]:
+    ) -> tuple[list[HistoryMessage], dict[str, str], list[Any]]:
         """:meth:`history` (newest ``limit``) and the conversation's meta hash
-        (see :meth:`conversation_meta`), with the caller's commands in the same round trip.
+        (see :meth:`conversation_meta`), with the caller's commands in the same round
+        trip; the third item holds the replies to the caller's commands, in order.
 
         ``also`` queues commands on a non-transactional pipeline: they travel
         in one write and Redis runs one connection's commands in order, so the
         caller's commands cost no round trip of their own (but are not atomic
-        with the read). Their replies are not returned; the first error is raised.
+        with the read). The first error is raised.
         """
         _history_end(limit, None)
         pipe = self.redis.pipeline(transaction=False)
@@ -930,7 +944,7 @@ class ConversationStore:
         pipe.hgetall(self.keys.conversation_meta(user_id, conversation_id))
         also(pipe)
         replies = await pipe.execute()
-        return _history_messages(replies[0]), replies[1] or {}
+        return _history_messages(replies[0]), replies[1] or {}, list(replies[2:])
 
     @redis_guarded
     async def conversation_meta(self, *, user_id: str, conversation_id: str) -> dict[str, str]:

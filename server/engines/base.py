@@ -38,6 +38,18 @@ class EngineRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Used by the remote engine to keep one user on one replica (prefix cache).
     user_id: str = ""
+    # The LoRA adapter to generate with (a character's ``lora``, a name the
+    # engine serves); None for the base model. An engine that does not serve
+    # the name refuses the request with protocol.errors.BadRequest.
+    lora: str | None = None
+    # Scheduling priority, as vLLM's ``priority``: lower runs first. User turns
+    # are 0; background work (conversation summaries, server.summaries) is
+    # higher, so a waiting user turn is always scheduled before it.
+    priority: int = 0
+
+
+#: The priority of background requests (``EngineRequest.priority``).
+BACKGROUND_PRIORITY = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,11 @@ class EngineLoad:
     recent_ttft_ms: float | None = None
     # Median time per output token while decoding, if known.
     recent_itl_ms: float | None = None
+    # Of the above, background requests (priority > 0): in the engine at all,
+    # and waiting. A user turn is scheduled before waiting background requests,
+    # so admission control does not count them ahead of it.
+    background: int = 0
+    background_waiting: int = 0
 
 
 class Engine(abc.ABC):
@@ -120,6 +137,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load(self) -> EngineLoad:
         """The scheduler's current state."""
+
+    def lora_adapters(self) -> list[str]:
+        """The LoRA adapter names this engine serves now (none by default)."""
+        return []
+
+    def check_lora(self, name: str | None) -> None:
+        """Raise protocol.errors.BadRequest if a request naming adapter ``name`` cannot run.
+
+        For the turn manager to call before it accepts a turn, so the user
+        hears ``bad_request`` instead of a failed turn. The default accepts
+        every name: engines without adapters (the simulation) ignore ``lora``.
+        """
+        return None
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens for ``messages`` after the chat template.

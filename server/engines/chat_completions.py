@@ -29,9 +29,11 @@ from server.engines.chat_template import openai_messages
 class UpstreamFailed(Exception):
     """One attempt on one server failed; ``down`` says whether to blame the server."""
 
-    def __init__(self, message: str, *, down: bool) -> None:
+    def __init__(self, message: str, *, down: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.down = down
+        #: The HTTP status of a refused request (None: no response, or a broken stream).
+        self.status = status
 
 
 class TokenSink(Protocol):
@@ -61,10 +63,15 @@ class CompletionEnd:
 
 
 def chat_completion_body(request: EngineRequest, model: str | None) -> dict[str, Any]:
-    """The JSON body of a streamed chat completion for ``request``."""
+    """The JSON body of a streamed chat completion for ``request``.
+
+    ``model`` is the base model's served name. A request for a LoRA adapter
+    names the adapter instead: vLLM's server serves each adapter it was
+    started with (``--lora-modules NAME=PATH``) as a model of that name.
+    """
     s = request.sampling
     body: dict[str, Any] = {
-        "model": model,
+        "model": request.lora if request.lora is not None else model,
         "messages": openai_messages(request.messages),
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -97,7 +104,8 @@ async def stream_chat_completion(
             if resp.status_code != 200:
                 raw = await resp.aread()
                 message = error_message(raw) or resp.reason_phrase
-                raise UpstreamFailed(f"HTTP {resp.status_code}: {message}", down=resp.status_code >= 500)
+                raise UpstreamFailed(f"HTTP {resp.status_code}: {message}", down=resp.status_code >= 500,
+                                     status=resp.status_code)
             complete = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):

@@ -32,6 +32,14 @@ cancels the pump, which closes the HTTP response; vLLM sees the disconnect and
 aborts the request, freeing its batch slot. An aborted request's generator
 returns without an :class:`EngineFinish`.
 
+LoRA adapters
+-------------
+A request with ``lora`` names the adapter as the completion's ``model``;
+start the replicas with ``--enable-lora --lora-modules NAME=PATH ...`` (the
+same names on every replica). An adapter a replica does not serve (404) fails
+that request alone with :class:`protocol.errors.BadRequest`, without marking
+the replica down or trying the others.
+
 Token counting
 --------------
 :meth:`Engine.count_tokens` is synchronous, so it cannot ask the server's
@@ -52,7 +60,7 @@ from typing import Any
 
 import httpx
 
-from protocol.errors import EngineError, Unavailable
+from protocol.errors import BadRequest, EngineError, RapportError, Unavailable
 from server.engines.base import (
     Engine,
     EngineDelta,
@@ -72,6 +80,7 @@ from server.engines.chat_template import ChatTemplate, load_local_chat_template
 from server.engines.latency import RecentLatency
 from server.engines.replica_health import ReplicaMonitor
 from server.engines.replicas import Replica, ReplicaPool, ServedModel
+from server.lora_prep import is_valid_name
 from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -111,7 +120,7 @@ class _Stream:
         self.tokens = 0  # tokens not yet handed out in a delta
         self.produced = False  # any text went to the consumer's queue
         self.finish: EngineFinish | None = None
-        self.error: EngineError | None = None
+        self.error: RapportError | None = None
         self.aborted = False
         self.done = False
         self.event = asyncio.Event()
@@ -136,7 +145,7 @@ class _Stream:
             task.cancel()
         return task
 
-    def interrupt(self, error: EngineError | None) -> asyncio.Task[None] | None:
+    def interrupt(self, error: RapportError | None) -> asyncio.Task[None] | None:
         """End the request for its consumer: aborted (``error`` None) or failed with ``error``.
 
         A request that already finished or failed keeps that outcome. Stops
@@ -345,6 +354,14 @@ class RemoteEngine(Engine):
     def replica_stats(self) -> list[dict[str, Any]]:
         return self._pool.snapshots()
 
+    # ------------------------------------------------------------------ LoRA
+
+    def check_lora(self, name: str | None) -> None:
+        """Refuses only a malformed name: which adapters the replicas serve is
+        learnt from their answer (404 becomes BadRequest in :meth:`generate`)."""
+        if name is not None and not is_valid_name(name):
+            raise BadRequest(f"unknown LoRA adapter {name[:64]!r}")
+
     # ------------------------------------------------------------------ tokens
 
     def _use_chat_template(self, loaded: tuple[ChatTemplate, str] | None) -> None:
@@ -427,6 +444,11 @@ class RemoteEngine(Engine):
                     if exc.down:
                         replica.failures += 1
                         self._pool.mark_down(replica, str(exc))
+                    lora = st.request.lora
+                    if exc.status in (400, 404) and lora is not None and not st.produced:
+                        # vLLM answers a model (adapter) name it does not serve with 404.
+                        st.error = BadRequest(f"unknown LoRA adapter {lora!r} ({exc})")
+                        return
                     if exc.down and not st.produced:
                         log.info("request %s: %s failed before any output (%s); trying the next upstream",
                                  st.request.request_id, replica.url, exc)

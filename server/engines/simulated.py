@@ -12,8 +12,10 @@ Timing model (all in milliseconds, ``n`` = sequences in the step's batch)::
          + prefill_ms_per_token * uncached_prompt_tokens       #   new sequences
 
 One step-loop task runs the scheduler. At the start of each step it moves
-requests from the FIFO waiting queue into free batch slots (at most
-``max_num_seqs`` running), then sleeps until the step's due time and gives
+requests from the waiting queue into free batch slots (at most
+``max_num_seqs`` running) in order of ``EngineRequest.priority`` (lower
+first, like vLLM's ``priority`` policy; arrival order among equals), so a
+waiting user turn always goes before background work, then sleeps until the step's due time and gives
 every running sequence one token. Due times are chained (``due = previous due +
 step``) against the event loop's monotonic clock, so a late wake-up does not
 stretch the simulation; a step that is already overdue runs at once.
@@ -164,6 +166,7 @@ class _Seq:
         "ttft_ms",
         "fail_at",
         "warmup",
+        "priority",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -190,6 +193,11 @@ class _Seq:
         self.ttft_ms: float | None = None
         self.fail_at: int | None = None
         self.warmup = False
+        self.priority = 0
+
+    @property
+    def background(self) -> bool:
+        return self.priority > 0
 
 
 class SimulatedEngine(Engine):
@@ -273,6 +281,11 @@ class SimulatedEngine(Engine):
         self._requests: dict[str, _Seq] = {}
         self._waiting: OrderedDict[str, _Seq] = OrderedDict()
         self._waiting_tokens = 0
+        # Background requests (priority > 0): all of them, those waiting, and
+        # the prompt tokens of those waiting. User turns are admitted first.
+        self._background = 0
+        self._background_waiting = 0
+        self._background_waiting_tokens = 0
         self._running: dict[str, _Seq] = {}
         self._step_due: float | None = None
 
@@ -405,6 +418,8 @@ class SimulatedEngine(Engine):
             max_num_seqs=self.max_num_seqs,
             recent_ttft_ms=self._latency.ttft_ms(),
             recent_itl_ms=self._latency.itl_ms(),
+            background=self._background,
+            background_waiting=self._background_waiting,
         )
 
     # --------------------------------------------------------------- extras
@@ -441,11 +456,13 @@ class SimulatedEngine(Engine):
         remaining = 0.0
         if running and self._step_due is not None and self._loop is not None:
             remaining = max(0.0, (self._step_due - self._loop.time()) * 1000.0)
-        ahead = len(self._waiting) + 1
+        # Waiting background requests are admitted after a user turn: not ahead of it.
+        ahead = len(self._waiting) - self._background_waiting + 1
+        waiting_tokens = self._waiting_tokens - self._background_waiting_tokens
         free = self.max_num_seqs - running
         if ahead <= free:
             return remaining + self.step_time_ms(
-                running + ahead, ahead, self._waiting_tokens + prompt_tokens
+                running + ahead, ahead, waiting_tokens + prompt_tokens
             )
         deficit = ahead - free
         steps = math.ceil(deficit * self._mean_reply_tokens() / self.max_num_seqs)
@@ -453,7 +470,7 @@ class SimulatedEngine(Engine):
         return (
             remaining
             + steps * self.step_time_ms(full, 1, 0)
-            + self.prefill_ms_per_token * self._waiting_tokens
+            + self.prefill_ms_per_token * waiting_tokens
             + self.step_time_ms(full, 1, prompt_tokens)
         )
 
@@ -555,10 +572,29 @@ class SimulatedEngine(Engine):
                     self._fail_tokens = self._fail_requests = None
 
         seq.submitted_at = self._loop.time()
+        seq.priority = request.priority
         self._requests[rid] = seq
         self._waiting[rid] = seq
         self._waiting_tokens += n_prompt
+        if seq.background:
+            self._background += 1
+            self._background_waiting += 1
+            self._background_waiting_tokens += n_prompt
         self._wake.set()
+        return seq
+
+    def _next_waiting(self) -> _Seq:
+        """Take the next request to admit: the oldest of the lowest priority (vLLM's
+        ``priority`` policy), so a waiting user turn goes before background work."""
+        waiting = self._waiting
+        if 0 < self._background_waiting < len(waiting):
+            seq = min(waiting.values(), key=lambda s: s.priority)  # the first of the lowest
+            del waiting[seq.request_id]
+        else:
+            _, seq = waiting.popitem(last=False)
+        if seq.background:
+            self._background_waiting -= 1
+            self._background_waiting_tokens -= seq.prompt_tokens
         return seq
 
     def _discard(self, seq: _Seq) -> None:
@@ -569,6 +605,11 @@ class SimulatedEngine(Engine):
         rid = seq.request_id
         if self._waiting.pop(rid, None) is not None:
             self._waiting_tokens -= seq.prompt_tokens
+            if seq.background:
+                self._background_waiting -= 1
+                self._background_waiting_tokens -= seq.prompt_tokens
+        if seq.background:
+            self._background -= 1
         self._running.pop(rid, None)
         if self._requests.get(rid) is seq:
             del self._requests[rid]
@@ -667,7 +708,9 @@ class SimulatedEngine(Engine):
             seq.emitted += 1
             if seq.emitted == 1:
                 seq.ttft_ms = (now - seq.submitted_at) * 1000.0
-                if not seq.warmup:
+                # Background requests wait behind user turns by design: their
+                # first tokens would skew the median admission control reads.
+                if not seq.warmup and not seq.background:
                     self._latency.add_ttft_ms(seq.ttft_ms)
             if caching:
                 self._cache_token(seq, token)
@@ -692,7 +735,8 @@ class SimulatedEngine(Engine):
                 admitted = 0
                 prefill = 0
                 while self._waiting and len(self._running) < self.max_num_seqs:
-                    rid, seq = self._waiting.popitem(last=False)
+                    seq = self._next_waiting()
+                    rid = seq.request_id
                     self._waiting_tokens -= seq.prompt_tokens
                     self._running[rid] = seq
                     prefill += self._admit(seq)

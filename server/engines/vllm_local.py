@@ -15,6 +15,22 @@ processors without native bfloat16 (AVX-512 BF16 / AMX); and
 model (``server/model_prep.py``) runs with ``dtype="float32"`` and
 ``max_model_len=2048``.
 
+LoRA adapters (``EngineRequest.lora``): with ``lora_dir`` holding peft
+adapter folders (see :mod:`server.lora_prep`), or ``enable_lora=True``, vLLM
+starts with multi-LoRA on (``enable_lora``, ``max_loras``, ``max_lora_rank``;
+vLLM's CPU backend serves them with its Punica CPU kernels). A request naming
+an adapter runs with a ``LoRARequest`` whose id is fixed per name for the
+engine's life; a name with no adapter folder, or an adapter whose rank is over
+``max_lora_rank``, is refused with BadRequest before anything reaches vLLM, so
+it never touches other users' requests. LoRA stays off (it reserves memory for
+``max_loras`` adapters) unless the folder holds adapters at start or
+``enable_lora`` says so; with it on, adapters added to the folder later are
+served without a restart.
+
+vLLM's own output (its configuration dump at start, progress bars, its
+messages at exit) goes to ``log_file`` when one is given: see
+:func:`route_vllm_log`.
+
 Finish reasons: "stop" and "length" as usual; a request ended through
 :meth:`VllmEngine.abort` finishes with "abort". An abort vLLM decides on its
 own (or one caused by :meth:`VllmEngine.close`) raises EngineError.
@@ -33,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import EngineError, RapportError, TooLarge, Unavailable
+from protocol.errors import BadRequest, EngineError, RapportError, TooLarge, Unavailable
 from server.engines.base import (
     Engine,
     EngineDelta,
@@ -46,6 +62,7 @@ from server.engines.base import (
 )
 from server.engines.chat_template import ChatTemplate, template_text
 from server.engines.latency import RecentLatency
+from server.lora_prep import adapter_rank, find_adapter, is_valid_name, list_adapters
 from sessions.messages import ChatMessage
 
 log = logging.getLogger(__name__)
@@ -116,8 +133,24 @@ class VllmEngine(Engine):
         max_num_seqs: int | None = None,
         engine_args: dict[str, Any] | None = None,
         served_model_name: str | None = None,
+        *,
+        lora_dir: str | Path | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
+        log_file: str | Path | None = None,
     ) -> None:
         self._model = str(model)
+        self._lora_dir = Path(lora_dir) if lora_dir else None
+        self._lora_forced = bool(enable_lora)
+        self._max_loras = int(max_loras)
+        self._max_lora_rank = int(max_lora_rank)
+        # Decided in start(): whether vLLM runs with LoRA on.
+        self._lora_enabled = False
+        # Adapter name -> the LoRARequest id vLLM caches its weights under.
+        self._lora_ids: dict[str, int] = {}
+        #: Where vLLM's own log goes (None: vLLM's default, the console).
+        self.log_file = Path(log_file) if log_file else None
         self._requested_max_model_len = max_model_len
         self._dtype = dtype
         self._requested_max_num_seqs = max_num_seqs
@@ -137,6 +170,11 @@ class VllmEngine(Engine):
         self._active: dict[str, int] = {}
         # Ids aborted through abort(); their "abort" finish is expected.
         self._aborted: set[str] = set()
+        # Background requests (priority > 0) among those streaming, and whether
+        # vLLM runs the priority policy (a priority other than 0 is an error
+        # under "fcfs", which --vllm-arg scheduling_policy=fcfs may choose).
+        self._background = 0
+        self._priority_scheduling = False
         self._latency = RecentLatency()
         self._prompt_tokens_total = 0
         self._cached_tokens_total = 0
@@ -154,6 +192,10 @@ class VllmEngine(Engine):
             "enable_prefix_caching": True,
             # Stats feed load(); the stat logger needs them on.
             "disable_log_stats": False,
+            # User turns (priority 0) go before background work such as
+            # conversation summaries (EngineRequest.priority); the CPU backend
+            # runs vLLM's own scheduler, which supports it.
+            "scheduling_policy": "priority",
         }
         if self._requested_max_model_len:
             kwargs["max_model_len"] = self._requested_max_model_len
@@ -161,6 +203,10 @@ class VllmEngine(Engine):
             kwargs["max_num_seqs"] = self._requested_max_num_seqs
         if self._served_model_name:
             kwargs["served_model_name"] = self._served_model_name
+        if self._lora_enabled:
+            kwargs["enable_lora"] = True
+            kwargs["max_loras"] = self._max_loras
+            kwargs["max_lora_rank"] = self._max_lora_rank
         if _on_cpu():
             # torch.compile needs triton-cpu, which the CPU wheel lacks; eager
             # mode starts faster and runs the same kernels.
@@ -181,6 +227,12 @@ class VllmEngine(Engine):
             return
         t0 = time.monotonic()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+        if self.log_file is not None:
+            route_vllm_log(self.log_file)
+            log.info("vLLM's own log goes to %s (--log-level debug shows it here)", self.log_file)
+        self._lora_enabled = self._lora_forced or bool(self.lora_adapters())
+        if self._lora_enabled:
+            log.info("LoRA adapters in %s: %s", self._lora_dir, ", ".join(self.lora_adapters()) or "none yet")
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
@@ -214,6 +266,7 @@ class VllmEngine(Engine):
             self._max_num_seqs = int(
                 getattr(cfg.scheduler_config, "max_num_seqs", None) or self._max_num_seqs
             )
+            self._priority_scheduling = str(getattr(cfg.scheduler_config, "policy", "")) == "priority"
             tokenizer = await self._load_tokenizer()
             self._template = ChatTemplate(tokenizer, template_text(tokenizer, self._model))
             await self._warm_up()
@@ -321,7 +374,9 @@ class VllmEngine(Engine):
     # ------------------------------------------------------------------ generation
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        return self._stream(request, record=True)
+        # Background requests wait behind user turns by design; their timings
+        # would skew the medians admission control reads.
+        return self._stream(request, record=request.priority <= 0)
 
     async def _stream(self, request: EngineRequest, *, record: bool) -> AsyncIterator[EngineEvent]:
         if self._llm is None or self._closing:
@@ -364,8 +419,13 @@ class VllmEngine(Engine):
         vllm_reason: str | None = None
         finished = False
 
+        lora_request = self._lora_request(request.lora)
         self._active[rid] = self._active.get(rid, 0) + 1
-        stream = self._llm.generate(self._engine_prompt(token_ids, prompt), params, request_id=rid)
+        background = request.priority > 0
+        self._background += background
+        priority = request.priority if self._priority_scheduling else 0
+        stream = self._llm.generate(self._engine_prompt(token_ids, prompt), params, request_id=rid,
+                                    lora_request=lora_request, priority=priority)
         try:
             try:
                 async for out in stream:
@@ -426,6 +486,7 @@ class VllmEngine(Engine):
             # and abort by id as well in case it never reached its own handler.
             # Bookkeeping first: the awaits below can be interrupted by a
             # second cancellation.
+            self._background -= background
             left = self._active.get(rid, 0) - 1
             if left > 0:
                 self._active[rid] = left
@@ -441,6 +502,37 @@ class VllmEngine(Engine):
                     await self._llm.abort(rid)
                 except Exception:
                     log.debug("abort of %s failed", rid, exc_info=True)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def lora_adapters(self) -> list[str]:
+        """The adapters in the LoRA folder (none when LoRA is off or there is no folder)."""
+        if self._lora_dir is None or (self._llm is not None and not self._lora_enabled):
+            return []
+        return list_adapters(self._lora_dir)
+
+    def check_lora(self, name: str | None) -> None:
+        self._lora_request(name)
+
+    def _lora_request(self, name: str | None) -> Any:
+        """vLLM's LoRARequest for adapter ``name`` (None: the base model); BadRequest if it cannot run."""
+        if name is None:
+            return None
+        shown = name if is_valid_name(name) else name[:64]
+        folder = find_adapter(self._lora_dir, name) if self._lora_dir is not None else None
+        if folder is None:
+            raise BadRequest(f"unknown LoRA adapter {shown!r}")
+        if not self._lora_enabled:
+            raise BadRequest(f"LoRA adapter {name!r} was added after the engine started without LoRA; "
+                             "restart the server (or start it with --enable-lora)")
+        rank = adapter_rank(folder)
+        if rank is not None and rank > self._max_lora_rank:
+            raise BadRequest(f"LoRA adapter {name!r} has rank {rank}, over --max-lora-rank "
+                             f"{self._max_lora_rank}")
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(folder))
 
     def _record(
         self,
@@ -480,6 +572,10 @@ class VllmEngine(Engine):
             max_num_seqs=self._max_num_seqs,
             recent_ttft_ms=self._latency.ttft_ms(),
             recent_itl_ms=self._latency.itl_ms(),
+            # vLLM does not say which requests wait; under the priority policy
+            # the background ones are the first to wait (and to be preempted).
+            background=self._background,
+            background_waiting=min(waiting, self._background) if self._priority_scheduling else 0,
         )
 
     def scheduler_stats(self) -> dict[str, float]:
@@ -505,6 +601,75 @@ class VllmEngine(Engine):
         if self._prompt_tokens_total <= 0:
             return None
         return self._cached_tokens_total / self._prompt_tokens_total
+
+
+#: The interpreter multiprocessing spawned with before route_vllm_log replaced it.
+_spawn_python: str | None = None
+#: The logging configurations route_vllm_log wrote (VLLM_LOGGING_CONFIG_PATH
+#: naming another file is the operator's).
+_written_configs: set[str] = set()
+
+
+def route_vllm_log(log_file: Path) -> None:
+    """Send what vLLM writes (this process's ``vllm`` logger, everything its children print) to ``log_file``.
+
+    - vLLM configures its logger from ``VLLM_LOGGING_CONFIG_PATH`` when it is
+      imported, in this process and in the processes it spawns (they inherit
+      the environment), so the configuration is written to a file beside the
+      log and named there. It is applied here at once as well, so records
+      logged while vLLM is still importing do not reach the console either.
+      An operator's own ``VLLM_LOGGING_CONFIG_PATH`` is kept.
+    - vLLM's engine core and worker processes also print outside logging
+      (tqdm bars, torch's C++ warnings, Python warnings, messages logged
+      before their logging is configured, the resource tracker's complaints
+      at exit). They are started with multiprocessing's spawn method, whose
+      interpreter can be replaced (``multiprocessing.spawn.set_executable``,
+      which vLLM's own NUMA binding uses the same way): a two-line shell
+      script beside the log starts the real interpreter with its output
+      appended to the log. This process's own output stays on the console.
+    """
+    import logging.config
+    import multiprocessing.spawn
+    import shlex
+
+    global _spawn_python
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    # One run's log: each start begins it afresh (it would otherwise grow forever).
+    log_file.write_text(f"vLLM's log, started by Rapport (pid {os.getpid()}) at "
+                        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n", encoding="utf-8")
+    launcher = log_file.with_name(log_file.stem + "-python.sh")
+    if _spawn_python is None:
+        _spawn_python = os.fsdecode(multiprocessing.spawn.get_executable())
+    python = _spawn_python
+    if os.fsdecode(multiprocessing.spawn.get_executable()) != str(launcher):
+        launcher.write_text(
+            "#!/bin/sh\n# vLLM's child processes, with their output appended to its log (Rapport).\n"
+            f"exec {shlex.quote(python)} \"$@\" >> {shlex.quote(str(log_file))} 2>&1\n",
+            encoding="utf-8",
+        )
+        launcher.chmod(0o755)
+        multiprocessing.spawn.set_executable(str(launcher))
+    config_path = log_file.with_name(log_file.stem + "-logging.json")
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH", "") not in ("", *_written_configs):
+        return  # the operator's own
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"vllm": {
+            "format": "%(levelname)s %(asctime)s pid=%(process)d [%(filename)s:%(lineno)d] %(message)s",
+            "datefmt": "%m-%d %H:%M:%S",
+        }},
+        "handlers": {"vllm_file": {
+            "class": "logging.FileHandler", "formatter": "vllm", "filename": str(log_file),
+            "mode": "a", "encoding": "utf-8",
+        }},
+        "loggers": {"vllm": {"handlers": ["vllm_file"], "level": "INFO", "propagate": False}},
+    }
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _written_configs.add(str(config_path))
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)
+    logging.config.dictConfig(config)
 
 
 def _already_shut_down(timeout: float | None = None) -> None:

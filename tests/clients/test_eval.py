@@ -12,9 +12,11 @@ fails everywhere.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from clients.eval import (
     fail_checks,
     load_scenario,
     load_scenarios,
+    memory_unsupported,
     normalize_text,
     parse_scenario,
     render_failures,
@@ -132,7 +135,7 @@ def test_a_turn_without_a_complete_reply_fails_every_check():
 
 def turn(scenario: str = "s", *, n: int = 1, repeat: int = 0, ttft: float | None = 100.0,
          total: float | None = 300.0, reason: str | None = "stop", error: str | None = None,
-         results: list[tuple[str, bool]] = ()) -> TurnResult:
+         results: Sequence[tuple[str, bool]] = ()) -> TurnResult:
     return TurnResult(scenario=scenario, repeat=repeat, turn=n, user="u", reply="r", finish_reason=reason,
                       error=error, ttft_ms=ttft, turn_ms=total,
                       checks=[CheckResult(check("pattern", "r", kind=k), ok) for k, ok in results])
@@ -212,7 +215,7 @@ def test_render_failures_truncates_the_reply():
 
 
 REQUIRED = {"smoke-recall", "breakup-support-zh", "shoe-return", "fact-recall-4", "fact-recall-8",
-            "fact-recall-16", "topic-switch-return"}
+            "fact-recall-16", "fact-recall-32", "topic-switch-return", "pinned-facts"}
 
 
 def recall_values(turn_: Any) -> set[str]:
@@ -246,7 +249,7 @@ def test_shoe_return_recalls_the_order_number():
     assert "A-48213" in recall_values(s.turns[4])
 
 
-@pytest.mark.parametrize("gap", [4, 8, 16])
+@pytest.mark.parametrize("gap", [4, 8, 16, 32])
 def test_fact_recall_asks_after_the_gap(gap):
     s = load_scenario(f"fact-recall-{gap}")
     assert len(s.turns) == gap + 1
@@ -384,7 +387,7 @@ def test_two_targets_side_by_side(echo_server, sim_server, scenario_file, capsys
                                  "--dev-users", "--min-accuracy", "0.4"], capsys, tmp_path)
     assert code == 0
     assert set(report) == {"version", "started_at", "duration_s", "config", "targets", "passed", "failures",
-                           "turns"}
+                           "turns", "conversations"}
     assert report["config"]["temperature"] == 0.0 and report["config"]["seed_sent"] is False
     echo, plain = report["targets"]
     assert set(echo) >= {"label", "url", "model", "conversations", "turns", "context_accuracy", "recall_checks",
@@ -520,3 +523,162 @@ async def test_busy_answers_are_retried_up_to_max_retries(busy, max_retries, ret
     if error is None:
         assert result.completed and result.reply == "hello there"
     assert len({s["client_turn_id"] for s in script.starts}) == len(script.starts) == retries + 1
+
+
+# ---------------------------------------------------------------- remembered facts (memory.add)
+
+
+def test_fact_recall_32_keeps_user_turns_short():
+    # The small model's context is 2,048 tokens: the fillers stay a line each.
+    s = load_scenario("fact-recall-32")
+    assert all(len(t.user) <= 60 for t in s.turns[1:32])
+    assert not s.remember
+
+
+def test_pinned_facts_scenario_needs_the_pinned_facts():
+    s = load_scenario("pinned-facts")
+    assert len(s.remember) == 3 and s.remember[0] == "My sister is called Noor."
+    questions = [t for t in s.turns if t.checks]
+    needles = {v for t in questions for v in recall_values(t)}
+    assert needles == {"Noor", "peanut", "Biscuit"}
+    assert all(any(n.lower() in fact.lower() for fact in s.remember) for n in needles)
+    fillers = s.turns[: len(s.turns) - len(questions)]
+    # More small talk than a window of 8 turns holds: without memory the facts scroll out.
+    assert len(fillers) + len(s.remember) > 8 + 4
+    assert not any(n.lower() in t.user.lower() for t in s.turns for n in needles)
+
+
+def test_remember_is_parsed_in_order():
+    s = parse_scenario({"name": "x", "remember": ["I live in Lyon.", "My dog is Rex."], "turns": [{"user": "hi"}]})
+    assert s.remember == ("I live in Lyon.", "My dog is Rex.")
+    assert parse_scenario({"name": "x", "turns": [{"user": "hi"}]}).remember == ()
+
+
+@pytest.mark.parametrize("remember, message", [
+    ("I live in Lyon.", "'remember' must be a list of strings"),
+    (["ok", ""], "remember[1] must be a non-empty string"),
+    (["ok", 3], "remember[1] must be a non-empty string"),
+    (["x" * 501], "remember[0] is 501 characters; a pinned fact is at most 500"),
+    ([f"fact {i}" for i in range(51)], "'remember' holds 51 facts; a user can pin at most 50"),
+    (["same", "other", "same"], "remember[2] repeats remember[0]"),
+])
+def test_remember_errors_say_where_and_what(remember, message):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario({"name": "x", "remember": remember, "turns": [{"user": "hi"}]}, "my.json")
+    assert str(info.value).startswith("my.json (x): ")
+    assert message in str(info.value)
+
+
+def test_an_older_server_is_told_by_its_unknown_frame_answer():
+    from clients.errors import ServerError
+    from protocol.errors import BadRequest
+    from protocol.frames import parse_client_frame
+
+    # What a server before addition 22 answers: its parser does not know the type.
+    with pytest.raises(BadRequest) as info:
+        parse_client_frame({"type": "memory.frobnicate"}, max_input_chars=100)
+    older = ServerError({"type": "error", "code": "bad_request", "message": str(info.value)})
+    assert memory_unsupported(older)
+    assert not memory_unsupported(ServerError({"type": "error", "code": "bad_request",
+                                               "message": "text is longer than 500 characters"}))
+    assert not memory_unsupported(ServerError({"type": "error", "code": "content_filter", "message": "no"}))
+
+
+def test_memory_options_are_checked(capsys):
+    assert eval_command(parse_args(["--target", "ws://a", "--memory", "on", "--memory", "off", "--quiet"])) == 2
+    assert "2 --memory for 1 --target" in capsys.readouterr().err
+    assert eval_command(parse_args(["--memory", "on", "--no-memory", "--quiet"])) == 2
+    assert "not both" in capsys.readouterr().err
+    assert eval_command(parse_args(["--token", "t", "--concurrency", "2", "--scenario", "pinned-facts",
+                                    "--quiet"])) == 2
+    assert "--concurrency 1" in capsys.readouterr().err
+
+
+REMEMBER_SCENARIO = {
+    "name": "remember-known",
+    "remember": ["My sister is called Noor.", "I am allergic to peanuts."],
+    "turns": [
+        {"user": "Nice weather today."},
+        {"user": "Who is Noor?", "checks": [{"kind": "recall", "name": "echoed", "must_include_any": ["Noor"]}]},
+    ],
+}
+
+
+@pytest.fixture
+def remember_file(tmp_path: Path) -> str:
+    path = tmp_path / "remember-known.json"
+    path.write_text(json.dumps(REMEMBER_SCENARIO), encoding="utf-8")
+    return str(path)
+
+
+async def _facts_of_user(url: str, user: str) -> list[dict[str, Any]]:
+    from clients.connection import RapportConnection
+
+    conn = await RapportConnection.open(url, user=user)
+    try:
+        return list((await conn.memory_list())["facts"])
+    finally:
+        await conn.close()
+
+
+def test_remembered_facts_are_pinned_with_memory_add_and_deleted_after(sim_server, remember_file, capsys,
+                                                                         tmp_path):
+    code, out, report = run_cli(["--target", sim_server.ws_url, "--label", "mem", "--scenario", remember_file,
+                                 "--repeat", "2", "--concurrency", "2", "--dev-users", "--max-tokens", "8"],
+                                capsys, tmp_path)
+    assert code == 0
+    assert report["config"]["memory"] == {"mem": True}
+    assert report["config"]["scenarios"][0]["remember"] == REMEMBER_SCENARIO["remember"]
+    conversations = report["conversations"]["mem"]
+    assert len(conversations) == 2
+    assert len({c["user"] for c in conversations}) == 2  # a user per conversation: nothing leaks between them
+    for c in conversations:
+        assert c["facts_mode"] == "pinned (memory.add)" and c["cleanup_error"] is None
+        # The server's own answer: stored facts, with its ids, in the order pinned.
+        assert [f["text"] for f in c["pinned"]] == REMEMBER_SCENARIO["remember"]
+        assert all(re.fullmatch(r"f_[0-9a-f]{16}", f["id"]) for f in c["pinned"])
+        # ...and unpinned once the conversation was over.
+        assert asyncio.run(_facts_of_user(sim_server.ws_url, c["user"])) == []
+    turns = report["turns"]["mem"]
+    assert len(turns) == 4 and not any(t["setup"] for t in turns)  # the facts were not sent as messages
+    [target] = report["targets"]
+    assert target["facts_modes"] == {"pinned (memory.add)": 2}
+    assert "remembered facts" in out and "pinned (memory.add)" in out
+
+
+def test_without_memory_the_facts_are_the_first_messages(echo_server, remember_file, capsys, tmp_path):
+    code, out, report = run_cli(["--target", echo_server.ws_url, "--target", echo_server.ws_url,
+                                 "--label", "with", "--label", "without", "--memory", "on", "--memory", "off",
+                                 "--scenario", remember_file, "--dev-users", "--max-tokens", "30"],
+                                capsys, tmp_path)
+    assert code == 0
+    assert report["config"]["memory"] == {"with": True, "without": False}
+    with_memory, without = report["targets"]
+    assert with_memory["facts_modes"] == {"pinned (memory.add)": 1}
+    assert without["facts_modes"] == {"sent as messages (--memory off)": 1}
+    # Two fact turns before the scripted ones, played like any turn and scored on nothing.
+    turns = report["turns"]["without"]
+    assert [(t["turn"], t["setup"]) for t in turns] == [(0, True), (0, True), (1, False), (2, False)]
+    assert [t["user"] for t in turns[:2]] == REMEMBER_SCENARIO["remember"]
+    assert turns[0]["reply"].startswith("My sister is called Noor.")  # the echo engine saw it as the message
+    assert not turns[0]["checks"] and without["turns"] == 4 and with_memory["turns"] == 2
+    [record] = report["conversations"]["without"]
+    assert record["pinned"] == []
+    assert asyncio.run(_facts_of_user(echo_server.ws_url, record["user"])) == []
+    line = next(row for row in out.splitlines() if row.startswith("remembered facts"))
+    assert "pinned (memory.add)" in line and "sent as messages (--memory off)" in line
+
+
+def test_the_table_shows_accuracy_per_scenario():
+    def played(scenario: str, ok: bool) -> TurnResult:
+        return turn(scenario, results=[("recall", ok)])
+
+    s = summarize([played("a", True), played("a", False), played("b", True)], label="x",
+                  facts_modes={"pinned (memory.add)": 1})
+    assert s.recall_by_scenario == {"a": (1, 2), "b": (1, 1)}
+    assert s.to_dict()["recall_by_scenario"]["a"] == {"passed": 1, "total": 2, "accuracy": 0.5}
+    table = render_table([s])
+    assert "  a " in table and "50.0% (1/2)" in table and "100.0% (1/1)" in table
+    assert "pinned (memory.add)" in table
+    one = render_table([summarize([played("a", True)], label="x")])
+    assert "  a " not in one and "remembered facts" not in one

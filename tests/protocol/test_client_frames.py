@@ -10,14 +10,18 @@ from protocol.frames import (
     DEFAULT_CONVERSATION,
     MAX_CLIENT_TURN_ID_CHARS,
     ClientInfo,
+    Feedback,
     Hello,
     HistoryClear,
     HistoryGet,
     Ping,
     Pong,
     TurnCancel,
+    TurnEdit,
     TurnOptions,
+    TurnRegenerate,
     TurnResume,
+    TurnSelect,
     TurnStart,
     parse_client_frame,
 )
@@ -95,5 +99,30 @@ def test_there_is_a_builder_for_every_client_frame_type():
     from protocol.frames import _PARSERS
 
     built = {f["type"] for f in (cf.hello(), cf.turn_start("x"), cf.turn_cancel("t"), cf.turn_resume("t"),
-                                 cf.history_get(), cf.history_clear(), cf.ping(), cf.pong())}
+                                 cf.history_get(), cf.history_clear(), cf.ping(), cf.pong(),
+                                 cf.turn_regenerate(), cf.turn_edit("x", exchange_id="t"), cf.turn_select("t"),
+                                 cf.feedback("t", 1), cf.memory_add("x"), cf.memory_list(),
+                                 cf.memory_delete("f_1"))}
     assert built == set(_PARSERS)
+
+
+def test_swipe_and_feedback_builders_parse_to_their_frames():
+    regen = cf.turn_regenerate(client_turn_id="r1", conversation_id="c", exchange_id="t1",
+                               options={"temperature": 0.5})
+    assert parse(regen) == TurnRegenerate("r1", "c", TurnOptions(temperature=0.5), "t1")
+    assert parse(cf.turn_regenerate(client_turn_id="r2")) == TurnRegenerate("r2", DEFAULT_CONVERSATION,
+                                                                            TurnOptions(), None)
+    assert parse(cf.turn_edit("new", exchange_id="t1", client_turn_id="e1")) == TurnEdit(
+        "e1", DEFAULT_CONVERSATION, "t1", "new", TurnOptions())
+    assert parse(cf.turn_select("t2", conversation_id="c")) == TurnSelect("c", "t2")
+    assert parse(cf.feedback("t3", -1, reason="")) == Feedback("t3", -1, "")
+    assert cf.turn_start("x", character_id="mira")["character_id"] == "mira"
+    assert parse(cf.turn_start("x", client_turn_id="s1", character_id="mira")).character_id == "mira"
+
+
+def test_memory_builders_parse_to_their_frames():
+    from protocol.frames import MemoryAdd, MemoryDelete, MemoryList
+
+    assert parse(cf.memory_add("I live in Lyon")) == MemoryAdd("I live in Lyon")
+    assert parse(cf.memory_list()) == MemoryList()
+    assert parse(cf.memory_delete("f_00ff")) == MemoryDelete("f_00ff")

@@ -118,7 +118,9 @@ async def test_messages_page_backwards_oldest_first(http, store):
     assert len(page["messages"]) == 50  # the default limit
     assert [m["id"] for m in page["messages"]] == [m.id for m in everything[10:]]
     first = page["messages"][0]
-    assert set(first) == {"id", "role", "text", "turn_id", "status", "created_at"}
+    # Addition 19: a user message also names its exchange (its own turn id).
+    assert set(first) == {"id", "role", "text", "turn_id", "status", "created_at", "exchange_id"}
+    assert first["exchange_id"] == first["turn_id"]
     assert (first["role"], first["text"], first["status"]) == ("user", "chat q5", "complete")
     assert page["messages"][1]["role"] == "assistant" and page["messages"][1]["status"] == "stop"
     assert page["next_before"] == everything[10].id

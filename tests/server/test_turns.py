@@ -11,8 +11,10 @@ met, a cancel before the generation task has run, interruptions that collide.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,11 +23,15 @@ import redis.asyncio as aioredis
 from protocol import frames
 from protocol.errors import EngineError, NotFound, Unavailable
 from server.engines.base import Engine, EngineDelta, EngineEvent, EngineFinish, EngineLoad, EngineRequest
+from server.summaries import Summarizer
 from server.turns import TurnManager, TurnPolicy, now_ms
+from sessions.characters import Character, parse_card
 from sessions.keys import KeySpace, glob_escape
+from sessions.memory import FactStore
 from sessions.store import ConversationStore, LogDelta, LogEnd
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parents[2]
 
 Script = Callable[[], AsyncIterator[EngineEvent]]
 
@@ -40,6 +46,7 @@ class ScriptedEngine(Engine):
         self.script = script
         self.started: list[str] = []
         self.closed: list[str] = []
+        self.requests: list[EngineRequest] = []
 
     async def start(self) -> None:
         pass
@@ -53,6 +60,7 @@ class ScriptedEngine(Engine):
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:  # type: ignore[override]
         self.started.append(request.request_id)
+        self.requests.append(request)
         try:
             async for event in self.script():
                 yield event
@@ -445,3 +453,169 @@ async def test_a_turn_accepted_by_redis_whose_reply_was_lost_is_ended_and_frees_
     again = Recorder("alice")
     await start(manager, again)
     assert (await again.end())["finish_reason"] == "stop"
+
+
+# ---------------------------------------------------------------- characters and swipes
+
+
+class Characters:
+    """The manager's character source, holding cards in memory."""
+
+    def __init__(self, *characters: Character) -> None:
+        self.by_id = {c.id: c for c in characters}
+
+    async def get(self, character_id: str) -> Character | None:
+        return self.by_id.get(character_id)
+
+
+CARD = {
+    "spec": "chara_card_v2", "spec_version": "2.0",
+    "data": {
+        "name": "Mira", "description": "{{char}} is a lighthouse keeper who talks to {{user}} at night.",
+        "personality": "warm, dry humour", "scenario": "A storm outside.",
+        "first_mes": "*lights a lamp* Evening, {{user}}.", "mes_example": "<START>\n{{user}}: hi\n{{char}}: hey",
+        "creator_notes": "", "system_prompt": "", "post_history_instructions": "Stay in character as {{char}}.",
+        "alternate_greetings": [], "tags": [], "creator": "", "character_version": "1",
+        "extensions": {"rapport": {"sampling": {"temperature": 0.3, "max_tokens": 40}, "lora": "pirate"}},
+    },
+}
+
+
+async def run_turn(manager: TurnManager, follower: Recorder, frame: Any, user_name: str = "Sam") -> dict[str, Any]:
+    follower.frames.clear()
+    await manager.start(follower, frame, now_ms(), user_name=user_name)
+    return await follower.end()
+
+
+def start_frame(text: str, *, conv: str = "c", character_id: str | None = None,
+                options: frames.TurnOptions | None = None) -> frames.TurnStart:
+    return frames.TurnStart(client_turn_id=uuid.uuid4().hex, text=text, conversation_id=conv,
+                            options=options or frames.TurnOptions(), character_id=character_id)
+
+
+async def test_a_bound_character_shapes_the_prompt_sampling_and_adapter(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("ok", 1), finish()))
+    manager.characters = Characters(parse_card(CARD, character_id="mira"))
+    alice = Recorder("alice")
+    await run_turn(manager, alice, start_frame("hello", character_id="mira"))
+    request = engine_of(manager).requests[-1]
+    roles = [m.role for m in request.messages]
+    # persona, greeting, the user's message, then the post-history instructions
+    assert roles == ["system", "assistant", "user", "system"]
+    system = request.messages[0].content
+    assert "Mira is a lighthouse keeper who talks to Sam at night." in system
+    assert system.startswith("be kind")  # the card has no system_prompt: the server's is used
+    assert system.index("lighthouse") < system.index("warm, dry humour") < system.index("A storm outside.")
+    assert request.messages[1].content == "*lights a lamp* Evening, Sam."
+    assert request.messages[-1].content == "Stay in character as Mira."
+    assert request.sampling.temperature == 0.3 and request.sampling.max_tokens == 40
+    assert request.lora == "pirate"
+    # The turn's own options win over the character's defaults.
+    await run_turn(manager, alice, start_frame("again", options=frames.TurnOptions(temperature=1.1)))
+    request = engine_of(manager).requests[-1]
+    assert request.sampling.temperature == 1.1 and request.sampling.max_tokens == 40
+    assert [m.role for m in request.messages] == ["system", "assistant", "user", "assistant", "user", "system"]
+
+
+async def test_two_users_of_one_character_share_the_prompt_prefix(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("ok", 1), finish()))
+    manager.characters = Characters(parse_card(CARD, character_id="mira"))
+    for user in ("u1", "u2"):
+        await run_turn(manager, Recorder(user), start_frame(f"hi from {user}", character_id="mira"), user_name="Sam")
+    one, two = engine_of(manager).requests
+    assert one.messages[:2] == two.messages[:2]  # the static persona and greeting: vLLM's prefix cache serves both
+
+
+async def test_a_regenerated_reply_sees_the_history_before_its_exchange_and_the_selection_sticks(
+        env: Env) -> None:
+    replies = iter(["first reply", "second reply", "third reply", "next reply"])
+
+    async def script() -> AsyncIterator[EngineEvent]:
+        yield EngineDelta(next(replies), 1)
+        yield finish()
+
+    manager = env.manager(script)
+    alice = Recorder("alice")
+    first = await run_turn(manager, alice, start_frame("question"))
+    exchange = first["turn_id"]
+    await run_turn(manager, alice, frames.TurnRegenerate(client_turn_id="r1", conversation_id="c",
+                                                       options=frames.TurnOptions()))
+    accepted = alice.frames[0]
+    assert accepted["exchange_id"] == exchange and accepted["alternative"] == 1
+    request = engine_of(manager).requests[-1]
+    # The regenerated reply answers the same message; the first reply is not shown to it.
+    assert [(m.role, m.content) for m in request.messages] == [("system", "be kind"), ("user", "question")]
+    assert await manager.select("alice", "c", exchange) == exchange
+    await run_turn(manager, alice, start_frame("follow-up"))
+    request = engine_of(manager).requests[-1]
+    assert [(m.role, m.content) for m in request.messages][1:] == [
+        ("user", "question"), ("assistant", "first reply"), ("user", "follow-up")]
+    snapshot = await manager.exchange_snapshot("alice", exchange)
+    assert snapshot.exchange_id == exchange and snapshot.selected == exchange
+    assert [a.text for a in snapshot.alternatives] == ["first reply", "second reply"]
+    assert [(m.role, m.content) for m in snapshot.prompt] == [("system", "be kind"), ("user", "question")]
+
+
+async def test_an_edit_replaces_the_newest_message_and_its_replies(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("r", 1), finish()))
+    alice = Recorder("alice")
+    await run_turn(manager, alice, start_frame("one"))
+    second = await run_turn(manager, alice, start_frame("two"))
+    await run_turn(manager, alice, frames.TurnEdit(client_turn_id="e1", conversation_id="c",
+                                                 exchange_id=second["turn_id"], text="TWO",
+                                                 options=frames.TurnOptions()))
+    history = await env.store.history(user_id="alice", conversation_id="c")
+    assert [(m.role, m.text) for m in history] == [("user", "one"), ("assistant", "r"), ("user", "TWO"),
+                                                  ("assistant", "r")]
+    request = engine_of(manager).requests[-1]
+    assert [m.content for m in request.messages if m.role == "user"] == ["one", "TWO"]
+
+
+# ---------------------------------------------------------------- memory: facts, lore, summaries
+
+
+async def test_pinned_facts_and_lore_take_their_places_in_the_prompt(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("ok", 1), finish()))
+    card = json.loads((ROOT / "tests/fixtures/cards/v3_card.json").read_text(encoding="utf-8"))
+    character = parse_card(card, character_id="kestrel")
+    manager.characters = Characters(character)
+    facts = FactStore(env.store.redis, env.store.keys)
+    manager.facts = facts
+    await facts.add("alice", "My sister is called Noor.")
+    await facts.add("alice", "My dog Biscuit is ill.")
+    alice = Recorder("alice")
+    await run_turn(manager, alice, start_frame("hello", character_id="kestrel"))
+    request = engine_of(manager).requests[-1]
+    system = request.messages[0].content
+    # Facts follow the persona inside the one system message, oldest first.
+    assert system.index(character.name) < system.index("Noor") < system.index("Biscuit")
+    assert not any("Kestrel is a patched-up" in m.content for m in request.messages)
+    # A keyword in the new message activates the entry, placed right before it.
+    await run_turn(manager, alice, start_frame("Tell me about Port Vantage"))
+    messages = engine_of(manager).requests[-1].messages
+    user_at = max(i for i, m in enumerate(messages) if m.role == "user")
+    lore = messages[user_at - 1]
+    assert lore.role == "system" and "floating market" in lore.content and "{{char}}" not in lore.content
+    assert messages[0].content == system  # the prefix did not move
+
+
+async def test_trimmed_turns_are_folded_into_a_summary_that_changes_only_at_trims(env: Env) -> None:
+    manager = env.manager(scripted(EngineDelta("a reply", 1), finish()))
+    summarizer = Summarizer(env.store.redis, env.store.keys, manager.engine, instructions="", max_tokens=50)
+    manager.summarizer = summarizer
+    alice = Recorder("alice")
+    systems = []
+    for n in range(9):  # max_history_turns is 4: the window trims in blocks
+        await run_turn(manager, alice, start_frame(f"message {n}"))
+        await summarizer.wait_idle()
+        systems.append(engine_of(manager).requests[-1].messages[0].content)
+    meta = await env.store.conversation_meta(user_id="alice", conversation_id="c")
+    try:
+        assert meta.get("summary")  # folded by the scripted engine
+        summarised = [i for i, text in enumerate(systems) if "a reply" in text]
+        assert summarised, systems
+        # Between two folds the system message (the cached prefix) stays the same.
+        changes = [i for i in range(1, len(systems)) if systems[i] != systems[i - 1]]
+        assert len(changes) <= 2, changes
+    finally:
+        await summarizer.close()

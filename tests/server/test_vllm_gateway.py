@@ -7,6 +7,7 @@ engine takes tens of seconds to start on this CPU).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import uuid
@@ -14,8 +15,13 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import ServerProcess, clean_prefix
+import redis.asyncio as aioredis
+from conftest import REDIS_URL, ROOT, ServerProcess, clean_prefix
 from wire import assert_contiguous, expect_error, open_ws, recv, recv_until, send, stream_turn
+
+from sessions.character_store import CharacterStore
+from sessions.characters import parse_card
+from sessions.keys import KeySpace
 
 pytestmark = pytest.mark.vllm
 
@@ -147,3 +153,32 @@ def test_eval_harness_against_the_real_model(vllm_server, tmp_path, capsys):
     assert report, report
     text = json.dumps(report)
     assert "SmolLM2" in text and "accuracy" in text
+
+
+async def test_a_long_characters_prompt_is_shared_by_every_conversation_with_it(vllm_server):
+    """Addition 18: the character's static text comes first, so the first turn of a
+    new conversation with an already-used character is served from vLLM's cache."""
+    card = json.loads((ROOT / "tests/fixtures/cards/long_character_v2.json").read_text(encoding="utf-8"))
+    char_id = f"long-{uuid.uuid4().hex[:6]}"
+    r = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await CharacterStore(r, KeySpace(vllm_server.prefix)).put(parse_card(card, character_id=char_id),
+                                                                  create=True)
+    finally:
+        await r.aclose()
+    usages = []
+    for n in range(2):
+        ws = await open_ws(vllm_server, user=f"char-cache-{n}-{uuid.uuid4().hex[:6]}")
+        await send(ws, {"type": "turn.start", "client_turn_id": uuid.uuid4().hex, "character_id": char_id,
+                        "conversation_id": f"first-{n}", "text": f"Good evening! Question number {n}?"})
+        frames = [f for f in await recv_until(ws, "turn.end", timeout=300) if f["type"] != "ping"]
+        assert frames[-1]["finish_reason"] in ("stop", "length"), frames[-1]
+        usages.append(frames[-1]["usage"])
+        await ws.close()
+    second = usages[1]
+    share = second["cached_prompt_tokens"] / second["prompt_tokens"]
+    print(f"\nlong character: first turn of a second conversation: {second['cached_prompt_tokens']} of "
+          f"{second['prompt_tokens']} prompt tokens cached ({share:.1%}); the first conversation's: "
+          f"{usages[0]['cached_prompt_tokens']} of {usages[0]['prompt_tokens']}")
+    assert second["prompt_tokens"] > 1000, usages  # the persona is long
+    assert share >= 0.80, usages

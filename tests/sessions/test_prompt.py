@@ -9,7 +9,7 @@ import pytest
 
 from protocol.errors import TooLarge
 from sessions.messages import ChatMessage
-from sessions.prompt import PastTurn, build_window, first_kept_turn, pair_history, render
+from sessions.prompt import PastTurn, build_window, first_kept_turn, pair_history, plan_window, render
 
 
 def chars(messages: Sequence[ChatMessage]) -> int:
@@ -313,3 +313,21 @@ def test_pair_history_keeps_empty_replies_as_empty() -> None:
 def test_pair_history_ignores_other_roles() -> None:
     entries = [("user", "hi", "t1"), ("system", "note", "t1"), ("assistant", "hello", "t1")]
     assert pair_history(entries) == [PastTurn("hi", "hello")]
+
+
+def test_the_turn_cap_counts_positions_in_the_whole_conversation_not_in_what_was_read() -> None:
+    """Only the newest turns are read: with their offset, the first kept turn still moves in blocks."""
+    conversation = [PastTurn(f"u{n}", f"a{n}") for n in range(40)]
+    firsts = []
+    for total in range(20, 30):
+        read = conversation[total - 9:total]  # the newest 9 turns, as the manager reads them
+        window = plan_window(system_prompt="s", history=read, new_text="new", max_history_turns=4,
+                             history_offset=total - len(read))
+        kept_first = window.messages[1].content
+        firsts.append(kept_first)
+    # The first kept turn stays put for a whole block of 4 turns, then jumps.
+    assert firsts == ["u16"] + ["u20"] * 4 + ["u24"] * 4 + ["u28"], firsts
+    # Without the offset the window would start one turn later on every turn.
+    unanchored = [plan_window(system_prompt="s", history=conversation[t - 9:t], new_text="new",
+                              max_history_turns=4).messages[1].content for t in (20, 21)]
+    assert unanchored == ["u19", "u20"]

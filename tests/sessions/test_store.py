@@ -412,8 +412,9 @@ async def test_history_with_sends_the_callers_commands_in_the_same_round_trip(en
         queued.append(pipe)
         pipe.set(marker, "1")  # type: ignore[attr-defined]
 
-    hist, meta = await env.store.history_with(user_id="alice", conversation_id="default", limit=3, also=also)
-    assert [m.text for m in hist] == ["a0", "q1", "a1"] and meta == {}
+    hist, meta, extra = await env.store.history_with(user_id="alice", conversation_id="default", limit=3,
+                                                     also=also)
+    assert [m.text for m in hist] == ["a0", "q1", "a1"] and meta == {"turns": "2"} and extra == [True]
     assert hist == await env.store.history(user_id="alice", conversation_id="default", limit=3)
     assert len(queued) == 1 and await env.redis.get(marker) == "1"
     with pytest.raises(BadRequest):
@@ -665,7 +666,7 @@ async def test_binding_stores_the_greeting_once_and_never_changes(env: Env) -> N
     hist, meta = await s.history_and_meta(user_id="alice", conversation_id="c")
     assert [(m.role, m.text, m.status) for m in hist] == [
         ("assistant", "Evening.", "greeting"), ("user", "hi", "complete"), ("assistant", "hello", "stop")]
-    assert meta == {"character_id": "mira"}
+    assert meta == {"character_id": "mira", "turns": "2"}  # the greeting and one user message
     # The same character again writes no second greeting; another is refused, nothing written.
     out = await s.begin_turn(user_id="alice", conversation_id="c", client_turn_id="b2", text="more", turn_id="t2",
                              owner="p", now_ms=_now(), character_id="mira", greeting="Evening.")
@@ -711,8 +712,9 @@ async def test_regenerate_adds_alternatives_to_the_newest_exchange_only(env: Env
     # Selection by the reply's turn id, on the exchange it belongs to.
     assert await env.store.select_alternative(user_id="alice", conversation_id="default",
                                               turn_id=newest) == newest
+    # Regenerations add no turn: the conversation still counts two.
     assert (await env.store.conversation_meta(user_id="alice", conversation_id="default")) == {
-        f"sel:{newest}": newest}
+        f"sel:{newest}": newest, "turns": "2"}
     with pytest.raises(NotFound):
         await env.store.select_alternative(user_id="alice", conversation_id="default", turn_id="t_missing")
 
@@ -742,4 +744,5 @@ async def test_edit_replaces_the_newest_message_its_replies_and_selection(env: E
     assert out.kind == "accepted" and out.turn is not None and out.turn.exchange_id == "t_edit"
     hist = await env.store.history(user_id="alice", conversation_id="default")
     assert [m.text for m in hist] == ["q0", "a0", "q1 edited"]
-    assert await env.store.conversation_meta(user_id="alice", conversation_id="default") == {}
+    # The selection went with the replaced exchange; the edit replaced a turn, it added none.
+    assert await env.store.conversation_meta(user_id="alice", conversation_id="default") == {"turns": "2"}
