@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sessions.store import redis_failures
+
 # Buckets around the 2 s first-token budget, fine near the fast end.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
                     3.0, 5.0, 10.0, 30.0)
@@ -79,6 +81,12 @@ class Metrics:
             "rapport_summary_folds_total",
             "Conversation summary folds by outcome: started, succeeded, failed (engine or Redis), "
             "lost (another fold of the conversation stored first)", ["outcome"], registry=r)
+        self.redis_failures = Counter("rapport_redis_failures_total",
+                                      "Failed Redis calls of the conversation store, by kind: unavailable "
+                                      "(connection, timeout, failover) or error", ["kind"], registry=r)
+        for kind in ("unavailable", "error"):
+            self.redis_failures.labels(kind)
+        self._redis_failures_seen: dict[str, int] = {}
         self.summary_engine = Histogram("rapport_summary_engine_seconds",
                                         "Engine time of one summary fold (a background request)",
                                         buckets=_LATENCY_BUCKETS, registry=r)
@@ -137,6 +145,14 @@ class Metrics:
         self.gap.observe(seconds)
 
     def render(self, engine_running: int, engine_waiting: int, engine_unfinished: int | None = None) -> bytes:
+        # The store counts its failed calls (it has no metrics of its own): the
+        # counter catches up with it at each scrape.
+        for kind, total in redis_failures().items():
+            child = self.redis_failures.labels(kind)
+            seen = self._redis_failures_seen.get(kind, 0)
+            if total > seen:
+                child.inc(total - seen)
+                self._redis_failures_seen[kind] = total
         self.engine_running.set(engine_running)
         self.engine_waiting.set(engine_waiting)
         self.engine_unfinished.set(engine_running + engine_waiting if engine_unfinished is None

@@ -398,10 +398,19 @@ RETRY_AFTER_MS = 1000
 _LOG_EVERY_S = 5.0
 _last_logged = 0.0
 _unlogged = 0
+# Every failed Redis call of this process, by kind ("unavailable" or "error"):
+# what /metrics reports (server.metrics reads it when scraped).
+_failures = {"unavailable": 0, "error": 0}
+
+
+def redis_failures() -> dict[str, int]:
+    """How many Redis calls of this process failed so far, by kind (``unavailable``, ``error``)."""
+    return dict(_failures)
 
 
 def _log_failure(exc: BaseException, where: str) -> None:
     global _last_logged, _unlogged
+    _failures["unavailable"] += 1
     now = time.monotonic()
     if now - _last_logged < _LOG_EVERY_S:
         _unlogged += 1
@@ -437,6 +446,7 @@ def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]
             _log_failure(exc, fn.__qualname__)
             raise storage_unavailable() from exc
         except rexc.RedisError as exc:
+            _failures["error"] += 1
             log.error("redis error in %s: %s: %s", fn.__qualname__, type(exc).__name__, exc)
             raise RapportError("storage error") from exc
 

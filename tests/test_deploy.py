@@ -1,6 +1,7 @@
 """The deployment files say what the documentation says: docker-compose.yml (Redis
 with AOF, vLLM serving Qwen3-8B on a GPU, two gateway replicas on the remote
-engine) and a Dockerfile that installs the way `make run` does.
+engine, Prometheus scraping them and Grafana provisioned from deploy/) and a
+Dockerfile that installs the way `make run` does.
 
 No Docker is needed: the files are parsed, and the gateways' command lines and
 environment are fed through Rapport's own configuration parser."""
@@ -21,6 +22,7 @@ from server.config import Settings, env_name, settings_from
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "Qwen/Qwen3-8B"
 GATEWAYS = ("gateway-1", "gateway-2")
+OBSERVABILITY = ("prometheus", "grafana")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def health_test(service: dict) -> str:
 
 
 def test_the_stack_has_exactly_the_documented_services(services):
-    assert set(services) == {"redis", "vllm", *GATEWAYS}
+    assert set(services) == {"redis", "vllm", *GATEWAYS, *OBSERVABILITY}
 
 
 def test_redis_persists_with_aof_every_second(services, compose):
@@ -148,6 +150,103 @@ def test_gateways_are_published_on_distinct_host_ports(services):
     hosts = [h for name in GATEWAYS for h, _ in port_pairs(services[name])]
     assert sorted(hosts) == ["8000", "8002"]
     assert ("8001", "8000") in port_pairs(services["vllm"])
+    every = [h for service in services.values() for h, _ in port_pairs(service)]
+    assert len(every) == len(set(every)), every
+
+
+
+# ---------------------------------------------------------------- Prometheus and Grafana
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> source (a named volume, or a host path as written) of every mount."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            source, target = str(v["source"]), str(v["target"])
+        else:
+            source, target = str(v).split(":")[:2]
+        out[target] = source
+    return out
+
+
+def host_path(source: str) -> Path | None:
+    """The file a bind mount reads, relative to the compose file; None for a named volume."""
+    if not source.startswith((".", "/", "~")):
+        return None
+    return (ROOT / source).resolve()
+
+
+def gateway_port(service: dict) -> int:
+    """The port a gateway listens on, as `rapport serve` parses its command and environment."""
+    args = build_parser().parse_args(["serve", *as_list(service["command"])])
+    environ = {**env_of(service), "RAPPORT_JWT_SECRET": "x" * 32}
+    return settings_from(args, environ=environ).port
+
+
+@pytest.mark.parametrize("name", [*GATEWAYS, *OBSERVABILITY, "redis", "vllm"])
+def test_every_mount_is_a_declared_volume_or_a_file_in_the_repository(services, compose, name):
+    for target, source in mounts(services[name]).items():
+        path = host_path(source)
+        if path is None:
+            assert source in (compose.get("volumes") or {}), (name, source)
+        else:
+            assert path.is_relative_to(ROOT) and path.exists(), (name, source, target)
+
+
+def test_prometheus_scrapes_every_gateway_on_the_port_it_listens_on(services):
+    prom = services["prometheus"]
+    assert prom["image"].split(":")[0] == "prom/prometheus"
+    assert ("9090", "9090") in port_pairs(prom)
+    config_path = host_path(mounts(prom)["/etc/prometheus/prometheus.yml"])
+    assert config_path is not None
+    assert "/prometheus" in mounts(prom) and host_path(mounts(prom)["/prometheus"]) is None  # kept across restarts
+    config = yaml.safe_load(config_path.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    rapport = jobs["rapport"]
+    assert rapport.get("metrics_path", "/metrics") == "/metrics"
+    assert rapport.get("scheme", "http") == "http"
+    targets = {t for group in rapport["static_configs"] for t in group["targets"]}
+    assert targets == {f"{name}:{gateway_port(services[name])}" for name in GATEWAYS}
+    # Every other target is a service of the stack, on a port it serves.
+    for job in config["scrape_configs"]:
+        for group in job["static_configs"]:
+            for t in group["targets"]:
+                assert t.split(":")[0] in services, t
+
+
+def test_grafana_is_provisioned_with_the_stack_prometheus_and_the_shipped_dashboard(services):
+    grafana = services["grafana"]
+    assert grafana["image"].split(":")[0] == "grafana/grafana"
+    assert ("3000", "3000") in port_pairs(grafana)
+    assert "prometheus" in grafana.get("depends_on", [])
+    volumes = mounts(grafana)
+    provisioned: dict[str, Path] = {}
+    for kind in ("datasources", "dashboards"):
+        path = host_path(volumes[f"/etc/grafana/provisioning/{kind}"])
+        assert path is not None and path.is_dir(), (kind, path)
+        provisioned[kind] = path
+    assert "/var/lib/grafana" in volumes and host_path(volumes["/var/lib/grafana"]) is None
+
+    sources = [ds for f in sorted(provisioned["datasources"].glob("*.y*ml"))
+               for ds in yaml.safe_load(f.read_text())["datasources"]]
+    prom = [ds for ds in sources if ds["type"] == "prometheus"]
+    assert len(prom) == 1, sources
+    prom_port = next(c for h, c in port_pairs(services["prometheus"]) if h == "9090")
+    assert prom[0]["url"] == f"http://prometheus:{prom_port}"
+    assert prom[0].get("uid")
+
+    providers = [p for f in sorted(provisioned["dashboards"].glob("*.y*ml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    assert len(providers) == 1 and providers[0]["type"] == "file", providers
+    # The provider reads the container path the dashboards directory is mounted at.
+    dashboards = host_path(volumes[providers[0]["options"]["path"]])
+    assert dashboards is not None and (dashboards / "rapport.json").is_file()
+    shipped = json.loads((dashboards / "rapport.json").read_text())
+    assert shipped["uid"] and shipped["title"]
+    # The dashboard's queries go to the provisioned data source (tests/test_dashboard.py checks the rest).
+    uids = {p["datasource"]["uid"] for p in shipped["panels"] if p.get("type") != "row"}
+    assert uids == {prom[0]["uid"]}
 
 
 # ---------------------------------------------------------------- Dockerfile and Makefile

@@ -37,6 +37,7 @@ from server.coordination import Coordinator
 from server.rest import error_response
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore, LogDelta, LogEnd
+from testkit.metrics import scrape_async
 from testkit.redis_server import RedisServer
 
 OUTAGE_S = float(os.environ.get("RAPPORT_TEST_OUTAGE_S", "100"))
@@ -162,6 +163,9 @@ async def test_unavailable_says_when_to_retry_and_never_names_redis(gateways, pr
             assert response.status_code == 503, (path, response.text)
             assert_says_when_and_not_where(response.json()["error"], private_redis.port)
             assert int(response.headers["Retry-After"]) >= 1
+    # The outage shows on /metrics (the dashboard's Redis panel reads it).
+    samples = await scrape_async(srv.base)
+    assert samples['rapport_redis_failures_total{kind="unavailable"}'] >= 4, samples
 
 
 async def test_a_phone_that_connects_while_redis_is_stalled_still_gets_ready(gateways, private_redis) -> None:
