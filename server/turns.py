@@ -399,6 +399,10 @@ class TurnManager:
                                  "character; start a new conversation to talk to one")
             assert character is not None
             greeting = greeting_of(character, 0, user_name=user_name)
+        if character is not None:
+            # An adapter the engine does not have is the card's mistake: refused
+            # before the turn exists, not an engine failure halfway through it.
+            self.engine.check_lora(character.lora)
         sampling = self.sampling_for(request.options, character)
         exchange_id = ""
         if request.kind == "new":

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ServerProcess, clean_prefix, make_token
+from wire import expect_error, open_ws, recv_until, send
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install-vllm.sh installs it)")
 pytest.importorskip("peft", reason="peft is not installed (scripts/install-vllm.sh installs it)")
@@ -122,3 +123,51 @@ def test_log_level_debug_shows_vllm_on_the_console(tmp_path):
         clean_prefix(prefix)
     assert VLLM_EXIT_LINE in server.log(None)
     assert not vllm_log.exists()
+
+
+def _card(name: str, lora: str | None) -> dict:
+    extensions = {"rapport": {"lora": lora}} if lora else {}
+    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": name, "description": f"{name} answers questions briefly.", "personality": "", "scenario": "",
+        "first_mes": "", "mes_example": "", "creator_notes": "", "system_prompt": "",
+        "post_history_instructions": "", "alternate_greetings": [], "tags": [], "creator": "",
+        "character_version": "1", "extensions": extensions}}
+
+
+async def _character_reply(server: ServerProcess, character_id: str, text: str) -> dict:
+    ws = await open_ws(server, user=f"lora-ws-{uuid.uuid4().hex[:6]}")
+    try:
+        await send(ws, {"type": "turn.start", "client_turn_id": uuid.uuid4().hex, "text": text,
+                        "conversation_id": "c", "character_id": character_id})
+        frames = [f for f in await recv_until(ws, "turn.end", timeout=300) if f["type"] != "ping"]
+        return frames[-1]
+    finally:
+        await ws.close()
+
+
+async def test_a_character_with_an_adapter_and_one_without_in_one_server(lora_server):
+    """Addition 18: a character's ``extensions.rapport.lora`` picks the adapter for its conversations."""
+    server, _ = lora_server
+    operator = make_token("lora-operator", roles=["operator"])
+    async with httpx.AsyncClient(base_url=server.base, timeout=60,
+                                 headers={"Authorization": f"Bearer {operator}"}) as http:
+        for character_id, lora in (("plain-guide", None), ("pirate-guide", "pirate")):
+            r = await http.put(f"/v1/characters/{character_id}", json=_card("Guide", lora))
+            assert r.status_code in (200, 201), r.text
+        r = await http.put("/v1/characters/ghost-guide", json=_card("Guide", "no-such-adapter"))
+        assert r.status_code in (200, 201), r.text
+    plain = await _character_reply(server, "plain-guide", "What is your favourite food?")
+    pirate = await _character_reply(server, "pirate-guide", "What is your favourite food?")
+    print(f"\nplain character: {plain['text']!r}\npirate character: {pirate['text']!r}")
+    assert plain["finish_reason"] in ("stop", "length") and pirate["finish_reason"] in ("stop", "length")
+    assert plain["text"] != pirate["text"]
+    # The same prompt and temperature 0 differ only by the adapter; an adapter the
+    # server does not have is refused before the turn exists.
+    ws = await open_ws(server, user=f"lora-ws-{uuid.uuid4().hex[:6]}")
+    try:
+        await send(ws, {"type": "turn.start", "client_turn_id": "ghost", "text": "hi", "conversation_id": "g",
+                        "character_id": "ghost-guide"})
+        err = await expect_error(ws, "bad_request")
+        assert "no-such-adapter" in err["message"]
+    finally:
+        await ws.close()
