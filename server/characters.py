@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from protocol.errors import BadRequest, NotFound, TooLarge
+from protocol.errors import BadRequest, NotFound
 from sessions.card_png import MAX_CARD_JSON_BYTES, MAX_PNG_BYTES, PNG_SIGNATURE, write_card_png
 from sessions.character_store import KEEP_AVATAR, KeepAvatar, PutOutcome
 from sessions.characters import CHARACTER_ID_PATTERN, Character, card_v2, card_v3, parse_card_bytes, summary
@@ -60,6 +60,7 @@ from sessions.characters import CHARACTER_ID_PATTERN, Character, card_v2, card_v
 from .admin import Forbidden, _caller, _forbidden
 from .auth import bearer_token
 from .character_catalog import CharacterCatalog
+from .request_body import BodyTooLarge, read_bounded
 from .rest import _handled
 
 if TYPE_CHECKING:
@@ -79,10 +80,6 @@ MULTIPART_AVAILABLE = importlib.util.find_spec("python_multipart") is not None
 
 
 # ---------------------------------------------------------------- helpers
-
-
-class BodyTooLarge(TooLarge):
-    """A request body over its limit, refused while it was read: HTTP 413."""
 
 
 def _too_large(exc: BodyTooLarge) -> Response:
@@ -139,21 +136,6 @@ def _media_type(request: Request) -> str:
     return (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
 
 
-async def _bounded(request: Request, limit: int, what: str) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"{what} is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"{what} is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
     yield body
 
@@ -174,10 +156,10 @@ async def _upload(request: Request) -> _Upload:
     if media_type == "multipart/form-data":
         return await _multipart(request)
     if media_type == "application/json" or media_type.endswith("+json") or media_type.startswith("text/"):
-        raw = await _bounded(request, MAX_CARD_JSON_BYTES, "the card JSON")
+        raw = await read_bounded(request, MAX_CARD_JSON_BYTES, "the card JSON")
     else:
         # image/png, or a loosely labelled upload: the bytes decide what it is.
-        raw = await _bounded(request, MAX_PNG_BYTES, "the upload")
+        raw = await read_bounded(request, MAX_PNG_BYTES, "the upload")
         if not raw.startswith(PNG_SIGNATURE) and len(raw) > MAX_CARD_JSON_BYTES:
             raise BodyTooLarge(f"the card JSON is larger than {MAX_CARD_JSON_BYTES} bytes")
     if not raw.strip():
@@ -191,7 +173,7 @@ async def _multipart(request: Request) -> _Upload:
                          "with Content-Type: image/png or application/json")
     from starlette.formparsers import MultiPartException, MultiPartParser
 
-    raw = await _bounded(request, MAX_PNG_BYTES + MULTIPART_OVERHEAD_BYTES, "the upload")
+    raw = await read_bounded(request, MAX_PNG_BYTES + MULTIPART_OVERHEAD_BYTES, "the upload")
     parser = MultiPartParser(request.headers, _once(raw), max_files=1, max_fields=4, max_part_size=64 * 1024)
     try:
         form = await parser.parse()

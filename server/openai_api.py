@@ -71,6 +71,7 @@ from .engines.base import (
     EngineRequest,
     SamplingOptions,
 )
+from .request_body import BodyTooLarge, read_bounded
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -320,17 +321,11 @@ def check_input(req: CompletionRequest, runtime: Runtime, user_id: str) -> None:
 
 
 async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_bounded(request, MAX_BODY_BYTES)
+    except BodyTooLarge as exc:
+        # The same refusal, in the OpenAI error shape.
+        raise ApiError(413, "too_large", exc.message) from None
 
 
 #: The WebSocket's JSON decoding, so that a body meets the same refusals as a
