@@ -42,7 +42,14 @@ from protocol.errors import RapportError
 from sessions.keys import KeySpace, escape_id
 from sessions.messages import ChatMessage
 from sessions.prompt import PastTurn
-from sessions.summary import SUMMARY_FIELD, SUMMARY_UPTO_FIELD, fold_mark, fold_messages, turns_to_fold
+from sessions.summary import (
+    SUMMARY_NEXT_UPTO_FIELD,
+    SUMMARY_UPTO_FIELD,
+    fold_mark,
+    fold_messages,
+    shown_summary,
+    turns_to_fold,
+)
 
 from .engines.base import BACKGROUND_PRIORITY, Engine, EngineDelta, EngineFinish, EngineRequest, SamplingOptions
 from .metrics import Metrics
@@ -60,17 +67,37 @@ WORDS_PER_TOKEN = 0.6
 #: ending the summary; a new transcript line ends it.
 TRANSCRIPT_STOPS = ("\nUser:", "\nCompanion:")
 
-# store_summary: compare-and-set the conversation's summary.
+# store_summary: compare-and-set the conversation's summary, shown or staged.
 # KEYS: 1 conversation meta hash, 2 history stream.
-# ARGV: 1 summary_upto the fold started from ("" none), 2 summary, 3 new summary_upto.
+# ARGV: 1 summary_upto and 2 summary_next_upto the fold started from ("" none),
+#       3 summary, 4 its upto, 5 slot: "shown" (summary, summary_upto; the staged
+#       pair is dropped when ARGV[6] is "1": the fold started from it) or "next"
+#       (the staged pair, shown once the window drops what it covers).
 # Returns "stored" | "lost" (another fold stored first) | "gone" (the
 # conversation was deleted meanwhile: nothing is written, so it is not revived).
 STORE_SUMMARY_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 'gone' end
-local current = redis.call('HGET', KEYS[1], 'summary_upto') or ''
-if current ~= ARGV[1] then return 'lost' end
-redis.call('HSET', KEYS[1], 'summary', ARGV[2], 'summary_upto', ARGV[3])
+if (redis.call('HGET', KEYS[1], 'summary_upto') or '') ~= ARGV[1] then return 'lost' end
+if (redis.call('HGET', KEYS[1], 'summary_next_upto') or '') ~= ARGV[2] then return 'lost' end
+if ARGV[5] == 'next' then
+  redis.call('HSET', KEYS[1], 'summary_next', ARGV[3], 'summary_next_upto', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'summary', ARGV[3], 'summary_upto', ARGV[4])
+  if ARGV[6] == '1' then redis.call('HDEL', KEYS[1], 'summary_next', 'summary_next_upto') end
+end
 return 'stored'
+"""
+
+# promote_summary: the staged summary becomes the shown one (the window has
+# dropped what it covers). KEYS: 1 meta hash. ARGV: 1 the staged upto expected.
+PROMOTE_SUMMARY_LUA = """
+local upto = redis.call('HGET', KEYS[1], 'summary_next_upto')
+if upto ~= ARGV[1] then return 0 end
+local text = redis.call('HGET', KEYS[1], 'summary_next')
+if not text then return 0 end
+redis.call('HSET', KEYS[1], 'summary', text, 'summary_upto', upto)
+redis.call('HDEL', KEYS[1], 'summary_next', 'summary_next_upto')
+return 1
 """
 
 # release_lock: delete the lock only if this fold still holds it.
@@ -114,6 +141,8 @@ class Summarizer:
         self.enabled = enabled
         self.lock_ms = int(lock_ms)
         self._store = redis.register_script(STORE_SUMMARY_LUA)
+        self._promote = redis.register_script(PROMOTE_SUMMARY_LUA)
+        self._promotions: set[asyncio.Task[None]] = set()
         self._release = redis.register_script(RELEASE_LOCK_LUA)
         # One fold task per conversation in this process: (user, conversation) -> task.
         self._folds: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -122,12 +151,14 @@ class Summarizer:
     # ------------------------------------------------------------ interface
 
     def maybe_fold(self, user_id: str, conversation_id: str, dropped: Sequence[PastTurn],
-                   meta: Mapping[str, str]) -> None:
+                   meta: Mapping[str, str], *, ahead: bool = False) -> None:
         """Start folding the dropped turns the summary lacks, if any; returns at once.
 
-        Never raises and never blocks: it runs on a user turn's path, before
-        its first token. Called on every turn, it also retries a fold that
-        failed or was skipped, since ``summary_upto`` then has not moved.
+        With ``ahead``, ``dropped`` are the turns the *next* turn's window will
+        drop, and the result is staged (see :mod:`sessions.summary`). Never
+        raises and never blocks: it runs on a user turn's path, before its
+        first token. Called on every turn, it also retries a fold that failed
+        or was skipped, since the summary's mark then has not moved.
         """
         if not self.enabled or self._closed:
             return
@@ -139,9 +170,11 @@ class Summarizer:
             running = self._folds.get(key)
             if running is not None and not running.done():
                 return
+            previous, _, from_staged = shown_summary(meta, dropped)
             task = asyncio.get_running_loop().create_task(
-                self._fold(user_id, conversation_id, turns, meta.get(SUMMARY_FIELD, ""),
-                           meta.get(SUMMARY_UPTO_FIELD, "")),
+                self._fold(user_id, conversation_id, turns, previous,
+                           (meta.get(SUMMARY_UPTO_FIELD, ""), meta.get(SUMMARY_NEXT_UPTO_FIELD, "")),
+                           slot="next" if ahead else "shown", from_staged=from_staged),
                 name=f"summary fold {conversation_id}",
             )
             self._folds[key] = task
@@ -149,19 +182,35 @@ class Summarizer:
         except Exception:
             log.exception("could not schedule a summary fold for a conversation of %s", user_id)
 
+    def promote(self, user_id: str, conversation_id: str, staged_upto: str) -> None:
+        """Make the staged summary the shown one, in the background (compare-and-set on its mark)."""
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._promote_staged(user_id, conversation_id, staged_upto),
+                                                      name=f"summary promote {conversation_id}")
+        self._promotions.add(task)
+        task.add_done_callback(self._promotions.discard)
+
+    async def _promote_staged(self, user_id: str, conversation_id: str, staged_upto: str) -> None:
+        try:
+            await self._promote(keys=[self.keys.conversation_meta(user_id, conversation_id)], args=[staged_upto])
+        except (rexc.RedisError, OSError) as exc:
+            # The next turn shows the staged summary all the same and tries again.
+            log.warning("staged summary not promoted, Redis failed: %s: %s", type(exc).__name__, exc)
+
     def pending(self) -> int:
         """Folds running or waiting in this process."""
         return sum(1 for task in self._folds.values() if not task.done())
 
     async def wait_idle(self) -> None:
         """Wait for every fold started so far (tests, shutdown drains)."""
-        while running := [task for task in self._folds.values() if not task.done()]:
+        while running := [task for task in (*self._folds.values(), *self._promotions) if not task.done()]:
             await asyncio.wait(running)
 
     async def close(self) -> None:
         """Cancel pending folds (aborting their engine requests) and wait for them to end."""
         self._closed = True
-        tasks = list(self._folds.values())
+        tasks = [*self._folds.values(), *self._promotions]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -179,7 +228,7 @@ class Summarizer:
             self.metrics.summary_fold(outcome)
 
     async def _fold(self, user_id: str, conversation_id: str, turns: list[PastTurn], previous: str,
-                    upto: str) -> None:
+                    upto: tuple[str, str], *, slot: str = "shown", from_staged: bool = False) -> None:
         meta_key = self.keys.conversation_meta(user_id, conversation_id)
         lock_key = self.keys.user_key(user_id, "sumlock:" + escape_id(conversation_id))
         token = uuid.uuid4().hex
@@ -187,7 +236,8 @@ class Summarizer:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(lock_key, token, nx=True, px=self.lock_ms)
             pipe.hget(meta_key, SUMMARY_UPTO_FIELD)
-            locked, current = await pipe.execute()
+            pipe.hget(meta_key, SUMMARY_NEXT_UPTO_FIELD)
+            locked, current, current_next = await pipe.execute()
         except (rexc.RedisError, OSError) as exc:
             log.warning("summary fold skipped, Redis failed: %s: %s", type(exc).__name__, exc)
             self._count("failed")
@@ -195,7 +245,7 @@ class Summarizer:
         if not locked:
             return  # another process folds this conversation now
         try:
-            if (current or "") != upto:
+            if ((current or ""), (current_next or "")) != upto:
                 # Folded by another process since the turn read the summary.
                 self._count("lost")
                 return
@@ -212,7 +262,8 @@ class Summarizer:
                     self.metrics.summary_engine.observe(time.monotonic() - started)
             try:
                 outcome = await self._store(keys=[meta_key, self.keys.history(user_id, conversation_id)],
-                                            args=[upto, summary, fold_mark(turns[-1])])
+                                            args=[upto[0], upto[1], summary, fold_mark(turns[-1]), slot,
+                                                  "1" if from_staged else "0"])
             except (rexc.RedisError, OSError) as exc:
                 log.warning("summary not stored, Redis failed: %s: %s", type(exc).__name__, exc)
                 self._count("failed")

@@ -44,9 +44,9 @@ from sessions.lorebook import lore_block
 from sessions.memory import FactStore, facts_block, parse_facts
 from sessions.messages import ChatMessage
 from sessions.moderation import OutputFilter
-from sessions.prompt import Context, PastTurn, Window, pair_history, plan_window
+from sessions.prompt import TRIM_BLOCK, Context, PastTurn, Window, first_kept_turn, pair_history, plan_window
 from sessions.store import MAX_ALTERNATIVES, RETRY_AFTER_MS, ConversationStore, HistoryMessage, TurnRecord
-from sessions.summary import summary_block
+from sessions.summary import shown_summary, summary_block
 from sessions.training import Alternative, ExchangeSnapshot
 from sessions.turn import ENGINE_FINISH_REASONS, Attachment, AttachmentState, Ending, Turn, TurnEvent, Usage
 
@@ -430,22 +430,51 @@ class TurnManager:
         # How many turns came before what was read (the store counts them), so
         # the window trims by position in the whole conversation.
         whole = _counted_turns(meta) - (0 if request.kind == "new" else 1)
-        window = self._window(history, text, sampling, self._context(character, user_name, meta, history, text),
-                              history_offset=whole - len(history))
-        if window.first_kept > 0 and self.summarizer is not None:
-            # Turns the window leaves out are folded into the conversation's
-            # summary in the background; this turn goes on with the summary as it is.
-            self.summarizer.maybe_fold(user_id, request.conversation_id,
-                                       history[:window.first_kept], meta)
+        offset = max(0, whole - len(history))
+        # The turns the turn cap drops (the token budget may drop more): they
+        # decide whether the summary folded ahead for this trim is shown now.
+        capped = history[:self._cap_start(whole, offset, len(history))]
+        window = self._window(history, text, sampling,
+                              self._context(character, user_name, meta, history, text, capped),
+                              history_offset=offset)
+        if self.summarizer is not None:
+            self._fold_summary(user_id, request.conversation_id, meta, history, capped,
+                               history[:window.first_kept], self._cap_start(whole + 1, offset, len(history)))
         return TurnPlan(messages=window.messages, sampling=sampling, exchange_id=exchange_id,
                         bind_character=character_id or "", greeting=greeting,
                         lora=character.lora if character is not None else None)
 
+    def _cap_start(self, whole: int, offset: int, read: int) -> int:
+        """Where the turn cap starts the window among the ``read`` turns (``offset`` came before them)."""
+        first = first_kept_turn(whole, self.policy.max_history_turns, TRIM_BLOCK) - offset
+        return min(read, max(0, first))
+
+    def _fold_summary(self, user_id: str, conversation_id: str, meta: dict[str, str], history: list[PastTurn],
+                      capped: list[PastTurn], dropped: list[PastTurn], next_start: int) -> None:
+        """Keep the conversation's summary in step with the window, in the background.
+
+        The summary staged ahead for this trim is promoted once shown; turns the
+        window drops that no summary covers are folded now (shown from the next
+        turn); and when the next turn's window will drop more turns under the
+        turn cap, those are folded ahead (staged), so that the summary changes
+        on the turn that trims and on no other (sessions.summary).
+        """
+        assert self.summarizer is not None
+        _, staged_upto, staged = shown_summary(meta, capped)
+        if staged:
+            self.summarizer.promote(user_id, conversation_id, staged_upto)
+        if dropped:
+            self.summarizer.maybe_fold(user_id, conversation_id, dropped, meta)
+        if next_start > len(capped):
+            self.summarizer.maybe_fold(user_id, conversation_id, history[:next_start], meta, ahead=True)
+
     def _context(self, character: Character | None, user_name: str, meta: dict[str, str],
-                 history: list[PastTurn], text: str) -> Context:
-        """Everything the model sees besides the turns (see :class:`sessions.prompt.Context`)."""
+                 history: list[PastTurn], text: str, capped: list[PastTurn] | None = None) -> Context:
+        """Everything the model sees besides the turns (see :class:`sessions.prompt.Context`);
+        ``capped`` are the turns the turn cap leaves out (which summary is shown)."""
         persona = self.persona(character, user_name)
-        memory = "\n\n".join(part for part in (meta.get(FACTS_FIELD, ""), summary_block(meta)) if part)
+        memory = "\n\n".join(part for part in (meta.get(FACTS_FIELD, ""), summary_block(meta, capped or ()))
+                               if part)
         lore = ""
         if character is not None and character.character_book:
             recent = [part for turn in history for part in (turn.user, turn.assistant) if part] + [text]

@@ -38,6 +38,10 @@ class PastTurn:
     exchange_id: str = field(default="", compare=False)
 
 
+#: How many turns the turn cap drops at once (see the module docstring).
+TRIM_BLOCK = 4
+
+
 def first_kept_turn(total_turns: int, max_turns: int, trim_block: int) -> int:
     """Index of the oldest turn to keep under the turn cap, moving in whole blocks.
 
@@ -113,7 +117,7 @@ def build_window(
     max_history_turns: int,
     max_prompt_tokens: int | None = None,
     count_tokens: Callable[[Sequence[ChatMessage]], int] | None = None,
-    trim_block: int = 4,
+    trim_block: int = TRIM_BLOCK,
     trim_quantum: float = 0.5,
     post_history: str = "",
 ) -> list[ChatMessage]:
@@ -132,7 +136,7 @@ def plan_window(
     max_history_turns: int,
     max_prompt_tokens: int | None = None,
     count_tokens: Callable[[Sequence[ChatMessage]], int] | None = None,
-    trim_block: int = 4,
+    trim_block: int = TRIM_BLOCK,
     trim_quantum: float = 0.5,
     post_history: str = "",
     history_offset: int = 0,

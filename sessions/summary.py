@@ -12,6 +12,15 @@ so every change to it invalidates vLLM's prefix cache for the whole
 conversation after it. A trim moves the start of the kept turns and
 invalidates the cache anyway; folding exactly the dropped turns, and nothing
 between trims, means the summary costs no cache between two trims.
+
+Folding ahead: when the turn cap will trim on the next turn (predictable: it
+depends only on the turn count), the turns it will drop are folded during this
+turn into a *staged* summary (``summary_next``, ``summary_next_upto``), not
+shown yet. The turn whose window has dropped everything the staged summary
+covers shows it (:func:`shown_summary`) and promotes it. So the summary
+changes on the very turn that trims, and a trim costs one uncached prompt, not
+two. A trim nobody predicted (the token budget) folds when it happens, and
+the next turn shows the result.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ __all__ = [
     "SUMMARY_UPTO_FIELD",
     "fold_mark",
     "fold_messages",
+    "SUMMARY_NEXT_FIELD",
+    "SUMMARY_NEXT_UPTO_FIELD",
+    "shown_summary",
     "summary_block",
     "turns_to_fold",
 ]
@@ -36,6 +48,9 @@ __all__ = [
 #: Meta hash fields (``keys.conversation_meta``) the summary is stored in.
 SUMMARY_FIELD = "summary"
 SUMMARY_UPTO_FIELD = "summary_upto"
+#: The staged summary, folded ahead of the trim that will show it.
+SUMMARY_NEXT_FIELD = "summary_next"
+SUMMARY_NEXT_UPTO_FIELD = "summary_next_upto"
 
 #: The mark of a turn without an exchange id (a character's greeting, always the
 #: first turn). Exchange ids are turn ids (``t_<hex>``), so it cannot collide.
@@ -61,23 +76,37 @@ def fold_mark(turn: PastTurn) -> str:
     return turn.exchange_id or GREETING_MARK
 
 
-def summary_block(meta: Mapping[str, str]) -> str:
-    """The text placed in ``Context.memory``: the stored summary under a heading, or ""."""
-    summary = meta.get(SUMMARY_FIELD, "").strip()
+def shown_summary(meta: Mapping[str, str], dropped: Sequence[PastTurn] = ()) -> tuple[str, str, bool]:
+    """(text, upto, staged): the summary a prompt whose window dropped ``dropped`` shows.
+
+    The staged summary once the window has dropped every turn it covers (its
+    ``upto`` is among ``dropped``); ``staged`` then says it still has to be
+    promoted. Otherwise the stored one.
+    """
+    staged_upto = meta.get(SUMMARY_NEXT_UPTO_FIELD, "")
+    if staged_upto and meta.get(SUMMARY_NEXT_FIELD) and any(fold_mark(t) == staged_upto for t in dropped):
+        return meta[SUMMARY_NEXT_FIELD], staged_upto, True
+    return meta.get(SUMMARY_FIELD, ""), meta.get(SUMMARY_UPTO_FIELD, ""), False
+
+
+def summary_block(meta: Mapping[str, str], dropped: Sequence[PastTurn] = ()) -> str:
+    """The text placed in ``Context.memory``: the shown summary under a heading, or ""."""
+    summary = shown_summary(meta, dropped)[0].strip()
     if not summary:
         return ""
     return f"{SUMMARY_HEADING}\n{summary}"
 
 
 def turns_to_fold(dropped: Sequence[PastTurn], meta: Mapping[str, str]) -> list[PastTurn]:
-    """The dropped turns the stored summary does not cover yet, oldest first.
+    """The dropped turns the shown summary does not cover yet, oldest first.
 
-    ``dropped`` are the turns the window left out (oldest first). The summary
-    covers everything up to ``summary_upto`` inclusive; only the turns after it
-    are folded. When ``summary_upto`` is not among ``dropped`` (no summary yet,
-    or it covers turns older than the history that was read), all of them are.
+    ``dropped`` are the turns the window left out (or, folding ahead, will
+    leave out), oldest first. The summary covers everything up to its
+    ``upto`` inclusive (see :func:`shown_summary`); only the turns after it
+    are folded. When that mark is not among ``dropped`` (no summary yet, or
+    it covers turns older than the history that was read), all of them are.
     """
-    upto = meta.get(SUMMARY_UPTO_FIELD, "")
+    upto = shown_summary(meta, dropped)[1]
     if upto:
         for index in range(len(dropped) - 1, -1, -1):
             if fold_mark(dropped[index]) == upto:

@@ -40,7 +40,7 @@ from server.summaries import Summarizer
 from sessions.keys import KeySpace, glob_escape
 from sessions.messages import ChatMessage
 from sessions.prompt import PastTurn
-from sessions.summary import GREETING_MARK
+from sessions.summary import GREETING_MARK, shown_summary
 
 USER = "user-1"
 CONV = "c1"
@@ -449,11 +449,12 @@ async def _folds_started(server: ServerProcess) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-async def _wait_for_summary_upto(redis: aioredis.Redis, key: str, upto: str, timeout: float) -> dict[str, str]:
+async def _wait_for_summary_upto(redis: aioredis.Redis, key: str, upto: str, timeout: float,
+                                 field: str = "summary_upto") -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
         meta = await redis.hgetall(key)
-        if meta.get("summary_upto") == upto:
+        if meta.get(field) == upto:
             return meta
         assert time.monotonic() < deadline, f"no summary up to {upto} after {timeout} s: {meta}"
         await asyncio.sleep(0.5)
@@ -465,8 +466,9 @@ async def test_the_real_model_summarises_only_at_trims_and_keeps_the_prefix_betw
         vllm_summary_server: ServerProcess) -> None:
     """--max-history-turns 4 trims in blocks of 4: the turn with 5 past turns keeps 1
     (dropping 4), the next three extend it, the turn with 9 past turns drops 4 more.
-    The summary appears only after a trim, and between trims every turn's prompt is
-    served from vLLM's prefix cache up to its newest turn."""
+    The turns a trim drops are folded ahead, during the turn before it, and the
+    summary is shown from the trimming turn on: after a trim, every turn's prompt
+    is served from vLLM's prefix cache up to its newest turn."""
     server = vllm_summary_server
     user, conversation = f"memory-{uuid.uuid4().hex[:6]}", "memory"
     keys = KeySpace(server.prefix)
@@ -491,17 +493,23 @@ async def test_the_real_model_summarises_only_at_trims_and_keeps_the_prefix_betw
 
     meta_key = keys.conversation_meta(user, conversation)
     try:
-        for n in range(5):  # 0..4 past turns: nothing is trimmed
+        for n in range(4):  # 0..3 past turns: nothing is trimmed, nothing folded
             await turn(n)
-            assert "summary" not in await redis.hgetall(meta_key)
+            assert not {"summary", "summary_next"} & set(await redis.hgetall(meta_key))
         assert await _folds_started(server) == 0
-        await turn(5)  # 5 past turns: the window keeps 1, drops 4
+        await turn(4)  # the next turn trims: the turns it drops are folded now, staged, not shown
+        staged = await _wait_for_summary_upto(redis, meta_key, exchange_ids[3], timeout=600,
+                                              field="summary_next_upto")
+        assert "summary" not in staged
+        trimming = await turn(5)  # 5 past turns: the window keeps 1, drops 4, and shows the summary
         first = await _wait_for_summary_upto(redis, meta_key, exchange_ids[3], timeout=600)
         print(f"\nsummary after the first trim (turns 1-4): {first['summary']!r}")
-        assert first["summary"].strip()
-        between = [await turn(n) for n in (6, 7, 8)]  # 6, 7, 8 past turns: the same first kept turn
+        assert first["summary"].strip() and first["summary"] == staged["summary_next"]
+        between = [await turn(n) for n in (6, 7)]  # 6, 7 past turns: the same first kept turn
         assert (await redis.hgetall(meta_key))["summary"] == first["summary"]  # unchanged between trims
-        assert await _folds_started(server) == 1
+        between.append(await turn(8))  # the next trim is near: folded ahead again
+        await _wait_for_summary_upto(redis, meta_key, exchange_ids[7], timeout=600, field="summary_next_upto")
+        assert (await redis.hgetall(meta_key))["summary"] == first["summary"]
         await turn(9)  # 9 past turns: the window drops 4 more
         second = await _wait_for_summary_upto(redis, meta_key, exchange_ids[7], timeout=600)
         print(f"summary after the second trim (turns 1-8): {second['summary']!r}")
@@ -511,9 +519,38 @@ async def test_the_real_model_summarises_only_at_trims_and_keeps_the_prefix_betw
                   f"{usage['cached_prompt_tokens']:5d} ({usage['cached_prompt_tokens'] / usage['prompt_tokens']:.0%})")
         # Between the trims each prompt extends the one before: vLLM's cache serves all
         # of it but the newest turn (it caches whole blocks, 128 tokens on this backend).
-        for before, after in zip(between, between[1:], strict=False):
+        # The trim's own prompt is the one the next turns extend: a trim costs one uncached prompt.
+        kept = [trimming, *between]
+        for before, after in zip(kept, kept[1:], strict=False):
             assert after["cached_prompt_tokens"] >= before["prompt_tokens"] - 128, usages
             assert after["cached_prompt_tokens"] < after["prompt_tokens"]
     finally:
         await ws.close()
         await redis.aclose()
+
+
+async def test_a_fold_ahead_is_staged_then_shown_and_promoted_by_the_trim_that_drops_its_turns(env: Env) -> None:
+    await env.conversation_exists()
+    await env.redis.hset(env.meta_key, mapping={"summary": "Mira greeted Sam.", "summary_upto": "t_4"})
+    s = env.summarizer(HeldEngine("Mira greeted Sam. Sam has a cat."))
+    # The next turn's window will drop up to t_8: fold it now, but do not show it yet.
+    s.maybe_fold(USER, CONV, TURNS[:9], await env.meta(), ahead=True)
+    await s.wait_idle()
+    meta = await env.meta()
+    assert meta["summary"] == "Mira greeted Sam." and meta["summary_upto"] == "t_4"
+    assert meta["summary_next"] == "Mira greeted Sam. Sam has a cat." and meta["summary_next_upto"] == "t_8"
+    # A window that still holds t_8 shows the stored summary; one that dropped it, the staged one.
+    assert shown_summary(meta, TURNS[:5]) == ("Mira greeted Sam.", "t_4", False)
+    assert shown_summary(meta, TURNS[:9]) == ("Mira greeted Sam. Sam has a cat.", "t_8", True)
+    # Nothing is left to fold for that window; promotion makes the staged summary the stored one.
+    s.maybe_fold(USER, CONV, TURNS[:9], meta)
+    s.promote(USER, CONV, "t_8")
+    await s.wait_idle()
+    meta = await env.meta()
+    assert meta["summary"] == "Mira greeted Sam. Sam has a cat." and meta["summary_upto"] == "t_8"
+    assert "summary_next" not in meta and "summary_next_upto" not in meta
+    assert counts(s)["started"] == 1
+    # A promotion that no longer matches changes nothing.
+    s.promote(USER, CONV, "t_2")
+    await s.wait_idle()
+    assert (await env.meta())["summary_upto"] == "t_8"
