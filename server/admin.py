@@ -35,6 +35,7 @@ from protocol.errors import BadRequest, RapportError, Unauthorized
 from .audit import entry_from
 from .auth import Identity, bearer_token, check_user_id
 from .config import is_loopback
+from .query_params import int_param
 from .rest import _handled, erase_user
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ async def erase(request: Request, identity: Identity) -> Response:
 @_admin("operator", "audit.read")
 async def read_audit(request: Request, identity: Identity) -> Response:
     q = request.query_params
-    limit = _int(q.get("limit"), DEFAULT_AUDIT_LIMIT, 1, MAX_AUDIT_LIMIT, "limit")
+    limit = int_param(request, "limit", DEFAULT_AUDIT_LIMIT, 1, MAX_AUDIT_LIMIT)
     before = q.get("before") or None
     if before is not None and not _STREAM_ID.match(before):
         raise BadRequest("'before' must be an audit entry id such as 1700000000000-0")
@@ -180,18 +181,6 @@ async def read_audit(request: Request, identity: Identity) -> Response:
             break
     # Where the next (older) page starts; null once there is none.
     return JSONResponse({"entries": entries, "next_before": None if done else last})
-
-
-def _int(raw: str | None, default: int, low: int, high: int, name: str) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"'{name}' must be an integer") from None
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}")
-    return value
 
 
 # Not here yet, because the features are not: exporting feedback (there is no

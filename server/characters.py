@@ -60,6 +60,7 @@ from sessions.characters import CHARACTER_ID_PATTERN, Character, card_v2, card_v
 from .admin import Forbidden, _caller, _forbidden
 from .auth import bearer_token
 from .character_catalog import CharacterCatalog
+from .query_params import int_param
 from .request_body import BodyTooLarge, read_bounded
 from .rest import _handled
 
@@ -105,19 +106,6 @@ def _path_id(request: Request) -> str:
     if not CHARACTER_ID_PATTERN.fullmatch(value):
         raise BadRequest("a character id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'")
     return str(value)
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"'{name}' must be an integer") from None
-    if not low <= value <= high:
-        raise BadRequest(f"'{name}' must be between {low} and {high}")
-    return value
 
 
 def _choice(request: Request, name: str, choices: tuple[str, ...]) -> str:
@@ -281,8 +269,8 @@ async def delete_character(request: Request) -> Response:
 @_handled
 async def list_characters(request: Request) -> Response:
     await _reader(request)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
-    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
+    limit = int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
     store = _runtime(request).character_store
     # One extra row tells whether another page follows.
     rows = await store.entries(offset=offset, limit=limit + 1)

@@ -45,6 +45,7 @@ from sessions.store import RETRY_AFTER_MS
 
 from .auth import Identity, bearer_token
 from .coordination import wall_ms
+from .query_params import int_param
 from .request_body import read_json_object
 from .turns import DEFAULT_USER_NAME
 
@@ -100,19 +101,6 @@ def _conversation_id(request: Request) -> str:
     return value
 
 
-def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest("'limit' must be an integer") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise BadRequest(f"'limit' must be between 1 and {MAX_LIMIT}")
-    return value
-
-
 def _handled(endpoint):
     """Turn every RapportError of ``endpoint`` into the JSON error answer."""
 
@@ -143,7 +131,7 @@ async def list_conversations(request: Request) -> Response:
 async def get_messages(request: Request) -> Response:
     user_id = await _user(request)
     conv = _conversation_id(request)
-    limit = _limit(request)
+    limit = int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     before = request.query_params.get("before") or None
     if before is not None and len(before) > 64:
         raise BadRequest("'before' is not a message id")
