@@ -50,8 +50,14 @@ def _audit_tail(args: argparse.Namespace) -> int:
     if not args.redis_prefix:
         raise ConfigError("--redis-prefix must not be empty")
     key = KeySpace(args.redis_prefix).audit()
-    client: Any = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_connect_timeout=5.0,
-                                       socket_timeout=30.0)
+    from server.redis_clients import RedisUrlError, sync_client
+
+    # One server or a Redis Cluster (redis+cluster://), as --redis-url says.
+    try:
+        client: Any = sync_client(args.redis_url, decode_responses=True, socket_connect_timeout=5.0,
+                                  socket_timeout=30.0)
+    except RedisUrlError as exc:
+        raise ConfigError(exc.message) from None
     try:
         newest: list[Any] = client.xrevrange(key, count=max(1, args.count))
         rows = list(reversed(newest))[-args.count:] if args.count else []

@@ -173,6 +173,12 @@ class Settings:
             )
         if not self.redis_prefix:
             raise ConfigError("--redis-prefix must not be empty")
+        from .redis_clients import RedisUrlError, parse_redis_url
+
+        try:
+            parse_redis_url(self.redis_url)  # one server, or a cluster with redis+cluster://
+        except RedisUrlError as exc:
+            raise ConfigError(exc.message) from None  # one line, not a traceback
         self.worker_count()  # refuses a bad --workers
         if self.max_history_turns < 0:
             raise ConfigError("--max-history-turns must be >= 0")
@@ -307,7 +313,7 @@ _HELP: dict[str, str] = {
     "host": "address to listen on",
     "port": "port to listen on",
     "engine": "vllm (in-process), remote (OpenAI-compatible vLLM servers) or simulated (a timing simulation, no model)",
-    "redis_url": "Redis holding conversations, turns and delta logs",
+    "redis_url": "Redis holding conversations, turns and delta logs (redis+cluster://host:port: a Redis Cluster)",
     "redis_prefix": "every Redis key the server writes starts with this",
     "auth": "jwt (Bearer tokens) or dev (trust hello.user; loopback only)",
     "jwt_secret": "HMAC secret for JWTs, at least as long as the hash off loopback (32 bytes for HS256); "

@@ -21,6 +21,23 @@ Control messages
     elsewhere is not mistaken for an abandoned one. If nobody receives a
     cancel (the owner is gone), the sender ends the turn itself, as a reaper
     would.
+
+On Redis Cluster
+    The lease index is one key (one slot, one node); it is read and written
+    with single-key commands only, never together with a user's keys in a
+    script, so the reaper needs no scan across nodes: every process asks the
+    node that holds the index. Control messages use sharded pub/sub
+    (``SPUBLISH``/``SSUBSCRIBE``, Redis 7) instead of ``PUBLISH``/``SUBSCRIBE``.
+    Classic ``PUBLISH`` on a cluster is broadcast to every node over the
+    cluster bus, and its reply counts only the subscribers connected to the
+    node that took the command; "nobody received the cancel" (the reply 0)
+    would then be wrong whenever the owner happens to listen on another node,
+    and the sender would end a turn its owner is still generating. A sharded
+    channel lives in the slot of its name, so publisher and subscriber meet on
+    the same primary and the count is exact; each message also travels to
+    that shard only, not to the whole cluster. redis-py's cluster pub/sub
+    follows a channel's slot to its new primary after a failover. On one
+    Redis server the classic commands stay (they work on Redis before 7 too).
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from redis import exceptions as rexc
 
 from protocol import frames
 from protocol.errors import RapportError, Unavailable
+from sessions.cluster import is_cluster
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore, LogDelta, TurnRecord, redis_guarded
 
@@ -227,23 +245,46 @@ class Coordinator:
     async def send(self, owner: str, op: str, user_id: str, turn_id: str) -> int:
         """Publish a control message to ``owner``; the number of processes that got it."""
         message = json.dumps({"op": op, "user": user_id, "turn": turn_id})
-        return int(await self.redis.publish(self.keys.control_channel(owner), message))
+        channel = self.keys.control_channel(owner)
+        if is_cluster(self.redis):
+            return int(await self.redis.spublish(channel, message))
+        return int(await self.redis.publish(channel, message))
 
     async def _listen_loop(self) -> None:
         channel = self.keys.control_channel(self.owner)
+        sharded = is_cluster(self.pubsub_redis)
         delay = 0.1
+        lost = False
         while True:
-            pubsub = self.pubsub_redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: Any = self.pubsub_redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                if sharded:
+                    # The cluster pub/sub finds a channel's node in the client's slot map,
+                    # which a client fills on its first command only: fill it first.
+                    await self.pubsub_redis.initialize()
+                    if lost:
+                        # The channel's primary may have failed over; this client sends no
+                        # command that a MOVED reply would correct, so re-read the slot map.
+                        cluster: Any = self.pubsub_redis
+                        await cluster.nodes_manager.initialize()
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
                 delay = 0.1
                 while True:
-                    message = await pubsub.get_message(timeout=30.0)
-                    if message is None or message.get("type") != "message":
+                    if sharded:
+                        if not pubsub.node_pubsub_mapping:
+                            # redis-py dropped the node's subscription (its node left): subscribe again.
+                            raise rexc.ConnectionError("the sharded control subscription was dropped")
+                        message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=30.0)
+                    else:
+                        message = await pubsub.get_message(timeout=30.0)
+                    if message is None or message.get("type") not in ("message", "smessage"):
                         continue
                     await self._dispatch(message.get("data"))
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            except (rexc.ConnectionError, rexc.TimeoutError, rexc.RedisClusterException, OSError) as exc:
                 log.warning("control channel lost (%s); resubscribing", exc)
+                lost = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:

@@ -25,14 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
-
 from protocol.errors import RapportError
 from sessions.keys import KeySpace
 from sessions.training import TrainingLog, TrainingRecord
 from sessions.training_export import dpo_rows, sft_rows
 
 from .config import ConfigError, Settings
+from .redis_clients import async_client
 
 __all__ = ["ExportSummary", "add_export_arguments", "export_command", "parse_since", "write_rows"]
 
@@ -83,8 +82,8 @@ async def write_rows(log: TrainingLog, out: TextIO, *, fmt: str, since_ms: int |
 
 async def _export(redis_url: str, prefix: str, out: TextIO, *, fmt: str, since_ms: int | None,
                   character_id: str | None) -> ExportSummary:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5.0,
-                                     socket_timeout=30.0)
+    # One server or a Redis Cluster, as the URL says.
+    client = async_client(redis_url, decode_responses=True, socket_connect_timeout=5.0, socket_timeout=30.0)
     try:
         return await write_rows(TrainingLog(client, KeySpace(prefix)), out, fmt=fmt, since_ms=since_ms,
                                 character_id=character_id)

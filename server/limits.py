@@ -21,6 +21,9 @@
 
 Every key lives under the user's hash tag (:meth:`sessions.keys.KeySpace.user_key`),
 so the scripts run on Redis Cluster and ``delete_user`` removes the keys too.
+The refresh of many users' entries is one pipeline on a single Redis and
+concurrent script calls on a cluster, whose pipelines refuse scripts
+(:func:`sessions.cluster.run_scripts`).
 Scripts read the time from Redis (``TIME``), so the gateway hosts' clocks need
 not agree. When Redis cannot be reached both raise
 :class:`protocol.errors.Unavailable`.
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from protocol.errors import RapportError, RateLimited, Unavailable
+from sessions.cluster import run_scripts
 from sessions.keys import KeySpace
 from sessions.store import redis_guarded
 
@@ -243,10 +247,9 @@ class ConnectionRegistry:
         n = 0
         pairs = list(user_conn_pairs)
         for i in range(0, len(pairs), self.batch):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id, conn_id in pairs[i:i + self.batch]:
-                    await self._refresh(keys=[self.key(user_id)], args=[conn_id, self.ttl_ms], client=pipe)
-                await pipe.execute()
+            # One pipeline on a single node; concurrent calls on a cluster (sessions.cluster).
+            await run_scripts(self.redis, [(self._refresh, [self.key(user_id)], [conn_id, self.ttl_ms])
+                                           for user_id, conn_id in pairs[i:i + self.batch]])
             n += len(pairs[i:i + self.batch])
         return n
 

@@ -14,7 +14,7 @@ import shlex
 import time
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException, RedisError
 
 from protocol import close_codes
 from protocol.errors import Unavailable
@@ -34,6 +34,7 @@ from .feedback import FeedbackService
 from .metrics import Metrics
 from .moderation import Moderation
 from .moderation import load as load_moderation
+from .redis_clients import async_client, discover
 from .summaries import Summarizer
 from .turns import TurnManager, TurnPolicy
 
@@ -115,14 +116,15 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = engine if engine is not None else build_engine(settings)
+        # One server or a Redis Cluster, as the URL says (server.redis_clients).
         # A blocking pool: under a burst, a command waits briefly for a free
         # connection instead of failing with "too many connections".
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+        self.redis = async_client(
             settings.redis_url, decode_responses=True, socket_connect_timeout=2.0,
-            socket_timeout=10.0, health_check_interval=15, max_connections=512, timeout=5,
-        ))
+            socket_timeout=10.0, health_check_interval=15, max_connections=512, blocking_pool=True,
+        )
         # Blocking stream reads hold a connection each; keep them off the main pool.
-        self.blocking_redis = aioredis.Redis.from_url(
+        self.blocking_redis = async_client(
             settings.redis_url, decode_responses=True, socket_connect_timeout=2.0,
             socket_timeout=None, max_connections=4096,
         )
@@ -139,8 +141,8 @@ class Runtime:
         self.characters = CharacterCatalog(self.character_store)
         # The audit log has a Redis client of its own, so that entries recorded
         # while the runtime shuts down (its main pool closing) still get written.
-        self.audit_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                                   socket_connect_timeout=2.0, socket_timeout=10.0)
+        self.audit_redis = async_client(settings.redis_url, decode_responses=True,
+                                        socket_connect_timeout=2.0, socket_timeout=10.0)
         self.audit = Audit(self.audit_redis, self.keys, retention_days=settings.audit_retention_days)
         # One authenticator per process, shared by the WebSocket, REST, admin and
         # OpenAI endpoints; it records refusals in the audit log.
@@ -204,6 +206,13 @@ class Runtime:
         self._registered: dict[Peer, str] = {}
 
     async def start(self) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await discover(self.redis, self.blocking_redis, self.audit_redis)
+        except (RedisClusterException, RedisError, OSError, TimeoutError) as exc:
+            # Not fatal, as with one server: readiness says Redis is down, and
+            # each client reads the slot map on its first command.
+            log.warning("could not read the Redis Cluster's slot map: %r", exc)
         self.audit.start()
         try:
             async with asyncio.timeout(2.0):

@@ -23,6 +23,22 @@ conversation id, turn id and client turn id)::
 Every key of one user carries the Redis Cluster hash tag ``{u:U}``, so all of a
 user's keys live in one slot and multi-key Lua scripts work on Cluster.
 
+On Redis Cluster (``--redis-url redis+cluster://...``) the other keys are placed so:
+
+* the characters share ``{chars}``: one slot, so the put/delete scripts and
+  ``MGET`` of a listing may touch several of them (the catalog is small and
+  cached per process, so the one node holding it is not a hot spot);
+* ``Prunning``, ``Ptraining`` and ``Paudit`` carry no tag on purpose: each is a
+  single key that no script touches together with another key, so it needs no
+  slot in common with anything; pipelines that mix it with a user's keys are
+  non-transactional and redis-py's cluster pipeline splits them per node;
+* ``Pctl:O`` is a sharded pub/sub channel on a cluster (``SPUBLISH`` /
+  ``SSUBSCRIBE``, Redis 7), which lives in the slot of its name like a key;
+  see :mod:`server.coordination` for why.
+
+Scans of one user (``delete_user``) go to the node holding the user's slot only
+(:mod:`sessions.cluster`).
+
 Escaping percent-encodes (UTF-8, ``%XX`` upper case) every byte outside
 ``[A-Za-z0-9._-]``. That is injective (``%`` itself is encoded), and the escaped
 form contains no ``{``, ``}``, ``:`` nor any glob metacharacter, so ids can

@@ -4,6 +4,15 @@ Several server processes share one Redis, so every decision that must be
 atomic (accepting a turn, ending it, clearing a conversation) is one Lua
 script. Scripts only touch keys passed in ``KEYS`` and all of them share the
 user's hash tag (see :mod:`sessions.keys`), so they also run on Redis Cluster.
+On a cluster (a ``redis.asyncio.cluster.RedisCluster`` client) the store
+differs in two places only, both through :mod:`sessions.cluster`: scripts
+batched for many turns (:meth:`ConversationStore.append_deltas_many`) run
+concurrently, since redis-py's cluster pipeline refuses ``EVALSHA``; and
+:meth:`ConversationStore.delete_user` scans only the node holding the user's
+slot. Pipelines of plain commands (:meth:`ConversationStore.history_with`, whose
+``also`` commands may name the deployment-level lease index, in another slot)
+stay pipelines: redis-py's cluster pipeline is non-transactional and sends each
+node its share of the commands, in parallel.
 When a script needs a key that is named by data (the record of the turn an
 idempotency key or the ``active`` hash points at), the caller passes the key it
 expects together with the value it expects; the script re-checks that value and
@@ -33,6 +42,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
+from sessions.cluster import ScriptCall, run_scripts, scan_slot_of
 from sessions.keys import KeySpace
 
 log = logging.getLogger("rapport.store")
@@ -377,8 +387,20 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     rexc.TryAgainError,
     rexc.MasterDownError,
     rexc.ReadOnlyError,
+    rexc.SlotNotCoveredError,  # a cluster whose slots are not all served (a failover in progress)
     OSError,  # includes the builtin TimeoutError
 )
+
+
+def _cluster_unreachable(exc: rexc.RedisClusterException) -> bool:
+    """True when a cluster client's own error means "cannot reach the cluster".
+
+    redis-py raises ``RedisClusterException`` (not a ``RedisError``) when no
+    startup node answers, with the connection failure as its cause; its other
+    uses (cross-slot keys, bad arguments) are bugs, not outages.
+    """
+    return isinstance(exc, rexc.SlotNotCoveredError) or isinstance(exc.__cause__, _UNAVAILABLE_ERRORS)
+
 
 _STREAM_ID = re.compile(r"\A([0-9]{1,20})-([0-9]{1,20})\Z")
 _U64_MAX = 2**64 - 1
@@ -445,6 +467,12 @@ def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]
         except _UNAVAILABLE_ERRORS as exc:
             _log_failure(exc, fn.__qualname__)
             raise storage_unavailable() from exc
+        except rexc.RedisClusterException as exc:
+            if _cluster_unreachable(exc):
+                _log_failure(exc, fn.__qualname__)
+                raise storage_unavailable() from exc
+            log.error("redis cluster error in %s: %s: %s", fn.__qualname__, type(exc).__name__, exc)
+            raise RapportError("storage error") from exc
         except rexc.RedisError as exc:
             _failures["error"] += 1
             log.error("redis error in %s: %s: %s", fn.__qualname__, type(exc).__name__, exc)
@@ -782,20 +810,21 @@ class ConversationStore:
         append failed, with why ("missing", "gap: ..."); the others succeeded
         (appending to an ended turn counts as success, as in ``append_deltas``).
         """
-        pipe = self.redis.pipeline(transaction=False)
         order: list[str] = []
+        calls: list[ScriptCall] = []
         for user_id, turn_id, deltas in batches:
             args: list[str] = [str(self.idempotency_ttl_s * 1000)]
             for seq, text in deltas:
                 args += [str(seq), text]
-            await self._append(keys=[self.keys.turn(user_id, turn_id), self.keys.delta_log(user_id, turn_id)],
-                               args=args, client=pipe)
+            calls.append((self._append, [self.keys.turn(user_id, turn_id), self.keys.delta_log(user_id, turn_id)],
+                          args))
             order.append(turn_id)
-        results = await pipe.execute(raise_on_error=False)
+        results = await run_scripts(self.redis, calls, raise_on_error=False)
         failed: dict[str, str] = {}
         for turn_id, res in zip(order, results, strict=True):
             if isinstance(res, Exception):
-                if isinstance(res, _UNAVAILABLE_ERRORS):
+                if isinstance(res, _UNAVAILABLE_ERRORS) or (
+                        isinstance(res, rexc.RedisClusterException) and _cluster_unreachable(res)):
                     raise res
                 failed[turn_id] = f"error: {res}"
             elif res[0] not in ("ok", "ended"):
@@ -1073,7 +1102,8 @@ class ConversationStore:
         pattern = self.keys.user_pattern(user_id)
         deleted = 0
         batch: list[str] = []
-        async for key in self.redis.scan_iter(match=pattern, count=1000):
+        # Every key of the user shares the tag, hence one slot: on a cluster only its node is scanned.
+        async for key in scan_slot_of(self.redis, self.keys.user_key(user_id, ""), match=pattern, count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 deleted += await self.redis.unlink(*batch)

@@ -15,7 +15,8 @@ Layout (see :mod:`sessions.keys`)::
 
 The hash carries the user's hash tag, the index none, so on Redis Cluster they
 live in different slots: no script may touch both. They are written in one
-pipeline (hash first, index second). The index is never cleaned when a user is
+pipeline (hash first, index second); on a cluster, whose pipelines refuse
+scripts (see :mod:`sessions.cluster`), in two round trips in the same order. The index is never cleaned when a user is
 erased (``DELETE /v1/users/me`` removes only keys under the user's tag), so
 readers skip members whose hash is gone.
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.errors import BadRequest
 from protocol.frames import MAX_FEEDBACK_REASON_CHARS
+from sessions.cluster import is_cluster
 from sessions.keys import KeySpace
 from sessions.messages import ChatMessage
 from sessions.store import redis_guarded
@@ -279,12 +281,18 @@ class TrainingLog:
             raise BadRequest(f"turn '{turn_id}' is not a reply of exchange '{snapshot.exchange_id}'")
         key = self.keys.training(snapshot.user_id, snapshot.exchange_id)
         value = _dumps({"rating": rating, "reason": reason, "at": now_ms})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._record_rating(keys=[key], args=[snapshot_to_json(snapshot), now_ms,
-                                                        _RATING_PREFIX + turn_id, value,
-                                                        MAX_RATINGS_PER_EXCHANGE], client=pipe)
-            pipe.zadd(self.keys.training_index(), {index_member(snapshot.user_id, snapshot.exchange_id): now_ms})
-            outcome, _ = await pipe.execute()
+        args: list[str | int] = [snapshot_to_json(snapshot), now_ms, _RATING_PREFIX + turn_id, value,
+                                 MAX_RATINGS_PER_EXCHANGE]
+        index_entry = {index_member(snapshot.user_id, snapshot.exchange_id): now_ms}
+        if is_cluster(self.redis):
+            # redis-py's cluster pipeline refuses scripts: the hash, then the index, one after the other.
+            outcome = await self._record_rating(keys=[key], args=args)
+            await self.redis.zadd(self.keys.training_index(), index_entry)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._record_rating(keys=[key], args=args, client=pipe)
+                pipe.zadd(self.keys.training_index(), index_entry)
+                outcome, _ = await pipe.execute()
         if outcome == "full":
             raise BadRequest(f"exchange '{snapshot.exchange_id}' already holds "
                              f"{MAX_RATINGS_PER_EXCHANGE} ratings")

@@ -1,10 +1,15 @@
-"""Deleting the Redis keys a test or a benchmark wrote under its own key prefix."""
+"""Deleting the Redis keys a test or a benchmark wrote under its own key prefix.
+
+The URL is one Rapport takes (:mod:`server.redis_clients`): on a Redis Cluster
+(``redis+cluster://``) redis-py's cluster client scans every primary in turn,
+and deletes keys of several slots by splitting the DEL per slot.
+"""
 
 from __future__ import annotations
 
 import re
 
-import redis
+from server.redis_clients import sync_client
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -18,7 +23,7 @@ def clean_prefix(prefix: str, url: str = DEFAULT_REDIS_URL) -> int:
 
     The prefix is matched literally: glob characters in it are escaped.
     """
-    r = redis.Redis.from_url(url)
+    r = sync_client(url)
     deleted = 0
     try:
         batch: list[bytes] = []

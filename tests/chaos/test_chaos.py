@@ -24,8 +24,7 @@ import uuid
 from collections import Counter
 
 import pytest
-import redis.asyncio as aioredis
-from conftest import ServerProcess, clean_prefix
+from conftest import BOTH_BACKENDS, ServerProcess, clean_prefix, redis_client
 from faultproxy import FaultProxy
 
 from clients.client import ResilientClient
@@ -33,7 +32,8 @@ from sessions.keys import KeySpace
 from sessions.store import ConversationStore
 from testkit.servers import running
 
-pytestmark = pytest.mark.timeout(240)
+# On the single Redis and on a Redis Cluster (tests/conftest.py).
+pytestmark = [pytest.mark.timeout(240), BOTH_BACKENDS]
 
 USERS = 20
 TURNS_PER_USER = 10
@@ -49,12 +49,12 @@ SERVER_FLAGS = [
 @pytest.fixture(scope="module")
 def two_processes(redis_url):
     prefix = f"rapport-chaos:{uuid.uuid4().hex[:10]}:"
-    servers = [ServerProcess(prefix=prefix, extra=SERVER_FLAGS) for _ in range(2)]
+    servers = [ServerProcess(prefix=prefix, redis_url=redis_url, extra=SERVER_FLAGS) for _ in range(2)]
     try:
         with running(*servers, timeout=90):
             yield servers
     finally:
-        clean_prefix(prefix)
+        clean_prefix(prefix, redis_url)
 
 
 def local_port(client: ResilientClient) -> int | None:
@@ -174,7 +174,7 @@ async def test_two_hundred_cut_turns_lose_nothing_and_duplicate_nothing(two_proc
         await asyncio.gather(*(user_session(i) for i in range(g, g + group)))
     elapsed = time.monotonic() - started
 
-    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis_client(redis_url)
     store = ConversationStore(r, KeySpace(two_processes[0].prefix))
     try:
         for user, exchanged in results.items():

@@ -7,10 +7,14 @@ import asyncio
 import uuid
 
 import pytest
+from conftest import BOTH_BACKENDS, redis_client
 from wire import JSON, MSGPACK, assert_contiguous, expect_error, open_ws, recv, recv_until, send, stream_turn
 
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
+
+# On the single Redis and on a Redis Cluster (tests/conftest.py).
+pytestmark = BOTH_BACKENDS
 
 
 @pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
@@ -61,9 +65,7 @@ async def test_fifty_users_five_turns_each_keep_exact_histories(sim_server, redi
         return user, exchanged
 
     results = await asyncio.gather(*(user_session(i) for i in range(50)))
-    import redis.asyncio as aioredis
-
-    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis_client(redis_url)
     store = ConversationStore(r, KeySpace(sim_server.prefix))
     try:
         for user, exchanged in results:

@@ -10,14 +10,17 @@ import asyncio
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
-from conftest import SIM_FLAGS, ServerProcess, clean_prefix
+from conftest import BOTH_BACKENDS, SIM_FLAGS, ServerProcess, clean_prefix, redis_client
 from wire import expect_close, expect_error, open_ws, recv, recv_until, send
 
 from protocol.errors import RateLimited, Unavailable
 from server.limits import ConnectionRegistry, TurnRateLimiter
+from server.redis_clients import async_client
 from sessions.keys import KeySpace
 from sessions.store import ConversationStore
+
+# On the single Redis and on a Redis Cluster (tests/conftest.py).
+pytestmark = BOTH_BACKENDS
 
 # ---------------------------------------------------------------- unit tests
 
@@ -25,7 +28,7 @@ from sessions.store import ConversationStore
 @pytest.fixture
 async def unit_redis(redis_url):
     prefix = f"rapport-test-limits:{uuid.uuid4().hex[:8]}:"
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(redis_url)
     yield client, KeySpace(prefix)
     await client.aclose()
     clean_prefix(prefix, redis_url)
@@ -126,9 +129,10 @@ async def test_refresh_pipelines_many_pairs(unit_redis):
     assert await reg.count("u0") == 0
 
 
-async def test_unreachable_redis_is_unavailable():
-    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", decode_responses=True,
-                                   socket_connect_timeout=0.5)
+async def test_unreachable_redis_is_unavailable(redis_backend):
+    # Nothing listens on port 1: a single server, or a cluster none of whose seed nodes answers.
+    url = "redis+cluster://127.0.0.1:1" if redis_backend == "cluster" else "redis://127.0.0.1:1/0"
+    dead = async_client(url, decode_responses=True, socket_connect_timeout=0.5)
     keys = KeySpace("rapport-test-dead:")
     try:
         with pytest.raises(Unavailable):
@@ -149,8 +153,8 @@ LIMIT_FLAGS = [*SIM_FLAGS, "--auth", "dev", "--turns-per-minute", "5", "--max-co
 @pytest.fixture(scope="module")
 def limited_pair(redis_url):
     prefix = f"rapport-test-lim:{uuid.uuid4().hex[:8]}:"
-    a = ServerProcess(prefix=prefix, extra=LIMIT_FLAGS)
-    b = ServerProcess(prefix=prefix, extra=LIMIT_FLAGS)
+    a = ServerProcess(prefix=prefix, redis_url=redis_url, extra=LIMIT_FLAGS)
+    b = ServerProcess(prefix=prefix, redis_url=redis_url, extra=LIMIT_FLAGS)
     a.start(wait_ready=False)
     b.start(wait_ready=False)
     try:

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from conftest import ServerProcess, clean_prefix, make_token
+from conftest import BOTH_BACKENDS, ServerProcess, clean_prefix, make_token, redis_client
 from wire import open_ws, recv, recv_until, send
 
 from sessions.keys import KeySpace, glob_escape
@@ -24,20 +24,23 @@ from testkit.metrics import parse as parse_metrics
 FLAGS = ["--engine", "simulated", "--sim-ttft-ms", "20", "--sim-itl-ms", "20",
          "--sim-reply-tokens", "400", "--turns-per-minute", "100000", "--auth", "jwt"]
 
+# On the single Redis and on a Redis Cluster (tests/conftest.py).
+pytestmark = BOTH_BACKENDS
+
 
 @pytest.fixture(scope="module")
 def rest_server(redis_url: str) -> Iterator[ServerProcess]:
     prefix = f"rapport-test-rest:{uuid.uuid4().hex[:10]}:"
-    server = ServerProcess(prefix=prefix, extra=FLAGS).start()
+    server = ServerProcess(prefix=prefix, redis_url=redis_url, extra=FLAGS).start()
     yield server
     server.stop()
-    clean_prefix(prefix)
+    clean_prefix(prefix, redis_url)
 
 
 @pytest.fixture
 async def store(rest_server: ServerProcess) -> AsyncIterator[ConversationStore]:
     """The server's own store (same Redis, same prefix), for seeding history quickly."""
-    r = aioredis.Redis.from_url(rest_server.redis_url, decode_responses=True)
+    r = redis_client(rest_server.redis_url)
     yield ConversationStore(r, KeySpace(rest_server.prefix))
     await r.aclose()
 
@@ -302,7 +305,7 @@ async def test_delete_me_forgets_the_user_and_nobody_else(rest_server, http, sto
     of bob2 as it was, and a turn bob still had running is stopped first so it
     writes nothing back."""
     prefix = rest_server.prefix
-    r = aioredis.Redis.from_url(rest_server.redis_url, decode_responses=True)
+    r = redis_client(rest_server.redis_url)
     try:
         for user in ("bob", "bob2"):
             await seed(store, user, "default", 3)

@@ -11,8 +11,7 @@ import json
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
-from conftest import ROOT
+from conftest import BOTH_BACKENDS, ROOT, redis_client
 from wire import JSON, MSGPACK, assert_contiguous, expect_error, open_ws, recv, recv_until, send
 
 from clients.client import ResilientClient
@@ -23,10 +22,13 @@ from sessions.keys import KeySpace
 
 CARDS = ROOT / "tests" / "fixtures" / "cards"
 
+# On the single Redis and on a Redis Cluster (tests/conftest.py).
+pytestmark = BOTH_BACKENDS
+
 
 async def _put_character(prefix: str, redis_url: str, card: dict | bytes, character_id: str,
                          content_type: str | None = None) -> None:
-    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis_client(redis_url)
     try:
         character = parse_card_bytes(card, content_type, character_id=character_id) \
             if isinstance(card, bytes) else parse_card(card, character_id=character_id)

@@ -228,9 +228,11 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_a_worker_failing_at_start_stops_the_supervisor_with_an_error(redis_url: str) -> None:
-    # The supervisor never parses the Redis URL; each worker's Runtime refuses this one at start.
-    server = ServerProcess(prefix="rapport-workers-bad:", redis_url="nosuchscheme://nowhere", extra=FLAGS,
-                           name="rapport-workers-bad")
+    # A URL of a known scheme passes the supervisor's checks (an unknown scheme would not:
+    # Settings.validate refuses it in one line); only the worker's Runtime, building its
+    # connection pool, finds the pool size impossible.
+    server = ServerProcess(prefix="rapport-workers-bad:", redis_url="redis://127.0.0.1:6379/0?max_connections=-1",
+                           extra=FLAGS, name="rapport-workers-bad")
     try:
         server.start(wait_ready=False)
         assert server.proc is not None

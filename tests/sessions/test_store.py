@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from protocol.errors import BadRequest, NotFound, RapportError, TurnInProgress, Unavailable
+from server.redis_clients import async_client, discover
 from sessions.keys import KeySpace, glob_escape
 from sessions.store import (
     MAX_ALTERNATIVES,
@@ -41,6 +42,8 @@ class Env:
         self.blocking = blocking
         self.keys = keys
         self.store = ConversationStore(redis, keys, blocking_redis=blocking)
+        #: The URL both clients were made from (for more clients standing for other processes).
+        self.url = REDIS_URL
 
     async def begin(
         self, user: str = "alice", conv: str = "default", client: str | None = None, text: str = "hi",
@@ -66,12 +69,16 @@ class Env:
         return sorted([k async for k in self.redis.scan_iter(match=glob_escape(self.keys.prefix) + "*")])
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
+@pytest.fixture(params=["single", "cluster"])
+async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """The store on the single Redis, and on a Redis Cluster (tests/conftest.py ``redis_cluster``)."""
+    url = request.getfixturevalue("redis_cluster").url if request.param == "cluster" else REDIS_URL
     prefix = f"rapport-test:{uuid4().hex}:"
-    redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    blocking = aioredis.Redis.from_url(REDIS_URL, decode_responses=True, socket_timeout=30)
+    redis = async_client(url, decode_responses=True)
+    blocking = async_client(url, decode_responses=True, socket_timeout=30)
+    await discover(redis, blocking)  # as a server does at start (server.runtime)
     e = Env(redis, blocking, KeySpace(prefix))
+    e.url = url
     try:
         yield e
     finally:
@@ -168,7 +175,8 @@ async def test_begin_overrides_stale_active_entry(env: Env) -> None:
 
 async def test_concurrent_begins_same_client_turn_id(env: Env) -> None:
     # Two clients stand for two server processes sharing Redis.
-    other = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    other = async_client(env.url, decode_responses=True)
+    await discover(other)  # as a server does at start (server.runtime)
     try:
         stores = [env.store, ConversationStore(other, env.keys)]
         outs = await asyncio.gather(*(
@@ -192,7 +200,8 @@ async def test_concurrent_begins_same_client_turn_id(env: Env) -> None:
 
 
 async def test_concurrent_begins_one_conversation(env: Env) -> None:
-    other = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    other = async_client(env.url, decode_responses=True)
+    await discover(other)  # as a server does at start (server.runtime)
     try:
         stores = [env.store, ConversationStore(other, env.keys)]
         outs = await asyncio.gather(*(
