@@ -471,6 +471,7 @@ def redis_guarded(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]
             if _cluster_unreachable(exc):
                 _log_failure(exc, fn.__qualname__)
                 raise storage_unavailable() from exc
+            _failures["error"] += 1
             log.error("redis cluster error in %s: %s: %s", fn.__qualname__, type(exc).__name__, exc)
             raise RapportError("storage error") from exc
         except rexc.RedisError as exc:
