@@ -36,7 +36,8 @@ def fixture(name: str) -> bytes:
 
 def bearer(user: str, *roles: str) -> dict[str, str]:
     extra = {"roles": list(roles)} if roles else {}
-    return {"Authorization": f"Bearer {make_token(user, **extra)}"}
+    # Built when the module is collected: valid for a day, however long the suite runs first.
+    return {"Authorization": f"Bearer {make_token(user, ttl=86400, **extra)}"}
 
 
 OPS = bearer("ops-chars", "operator")

@@ -91,40 +91,6 @@ def test_models_lists_the_adapter_and_model_names_route_to_it(lora_server):
         == base_text
 
 
-def test_vllm_start_up_noise_goes_to_its_log_file(lora_server):
-    server, vllm_log = lora_server
-    console = server.log(None)
-    for noise in (VLLM_START_LINE, *VLLM_CHILD_NOISE):
-        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
-    assert f"vLLM's own log goes to {vllm_log}" in console
-    kept = vllm_log.read_text(encoding="utf-8")
-    for noise in (VLLM_START_LINE, *VLLM_CHILD_NOISE):
-        assert noise in kept, noise
-
-
-def test_vllm_exit_noise_goes_to_its_log_file(lora_server):
-    server, vllm_log = lora_server
-    server.stop(timeout=60)  # the fixture's stop is then a no-op
-    console = server.log(None)
-    assert VLLM_EXIT_LINE not in console, console[-3000:]
-    assert VLLM_EXIT_LINE in vllm_log.read_text(encoding="utf-8")
-
-
-def test_log_level_debug_shows_vllm_on_the_console(tmp_path):
-    vllm_log = tmp_path / "vllm.log"
-    prefix = f"rapport-test:{uuid.uuid4().hex[:10]}:"
-    server = ServerProcess(prefix=prefix, log_level="debug", log_dir=tmp_path, extra=[
-        *SERVE_FLAGS, "--lora-dir", str(tmp_path / "no-adapters"), "--vllm-log", str(vllm_log)])
-    try:
-        server.start(timeout=600)
-        assert VLLM_START_LINE in server.log(None)
-    finally:
-        server.stop(timeout=60)
-        clean_prefix(prefix)
-    assert VLLM_EXIT_LINE in server.log(None)
-    assert not vllm_log.exists()
-
-
 def _card(name: str, lora: str | None) -> dict:
     extensions = {"rapport": {"lora": lora}} if lora else {}
     return {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
@@ -171,3 +137,38 @@ async def test_a_character_with_an_adapter_and_one_without_in_one_server(lora_se
         assert "no-such-adapter" in err["message"]
     finally:
         await ws.close()
+
+
+def test_vllm_start_up_noise_goes_to_its_log_file(lora_server):
+    server, vllm_log = lora_server
+    console = server.log(None)
+    for noise in (VLLM_START_LINE, *VLLM_CHILD_NOISE):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    assert f"vLLM's own log goes to {vllm_log}" in console
+    kept = vllm_log.read_text(encoding="utf-8")
+    for noise in (VLLM_START_LINE, *VLLM_CHILD_NOISE):
+        assert noise in kept, noise
+
+
+def test_vllm_exit_noise_goes_to_its_log_file(lora_server):
+    server, vllm_log = lora_server
+    server.stop(timeout=60)  # the fixture's stop is then a no-op
+    console = server.log(None)
+    assert VLLM_EXIT_LINE not in console, console[-3000:]
+    assert VLLM_EXIT_LINE in vllm_log.read_text(encoding="utf-8")
+
+
+def test_log_level_debug_shows_vllm_on_the_console(tmp_path):
+    vllm_log = tmp_path / "vllm.log"
+    prefix = f"rapport-test:{uuid.uuid4().hex[:10]}:"
+    server = ServerProcess(prefix=prefix, log_level="debug", log_dir=tmp_path, extra=[
+        *SERVE_FLAGS, "--lora-dir", str(tmp_path / "no-adapters"), "--vllm-log", str(vllm_log)])
+    try:
+        server.start(timeout=600)
+        assert VLLM_START_LINE in server.log(None)
+    finally:
+        server.stop(timeout=60)
+        clean_prefix(prefix)
+    assert VLLM_EXIT_LINE in server.log(None)
+    assert not vllm_log.exists()
+
